@@ -1,0 +1,67 @@
+"""Model-level quantisation: plan the layers, compute integer weights (RTN here; SignRound in ``tuning``), swap
+the linears for packed ``QuantLinear`` s, and record what was done in ``model.config.quantization_config``."""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from .config import AutoRoundConfig
+from .convert import set_submodule
+from .layers import LayerPlan, plan_layers, record_plan
+from .qdq import quantize_weight
+from .quant_linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+
+def pack_layer(model: nn.Module, name: str, qw, packing_format: str) -> QuantLinear:
+    """Replace the float linear ``name`` by a packed QuantLinear holding ``qw`` (and the linear's bias)."""
+    linear = model.get_submodule(name)
+    layer = QuantLinear.from_quantized(qw, packing_format, bias=linear.bias)
+    layer.to(linear.weight.device)
+    set_submodule(model, name, layer)
+    return layer
+
+
+@torch.no_grad()
+def rtn_quantize(model: nn.Module, plan: LayerPlan, progress: bool = True) -> None:
+    """Round-to-nearest, one layer at a time (the float weight of each is released as it is replaced)."""
+    for name, scheme in tqdm(plan.quantized.items(), desc="RTN", unit="layer", disable=not progress):
+        weight = model.get_submodule(name).weight
+        pack_layer(model, name, quantize_weight(weight, scheme), plan.packing_format)
+
+
+def mark_quantized(model: nn.Module, config: AutoRoundConfig) -> None:
+    """Make ``save_pretrained`` write our config and tensors, also for a model that was loaded some other way."""
+    from .quantizer import AutoRoundHfQuantizer
+
+    model.config.quantization_config = config
+    model.is_quantized = True
+    model.quantization_method = config.quant_method
+    if not isinstance(getattr(model, "hf_quantizer", None), AutoRoundHfQuantizer):
+        model.hf_quantizer = AutoRoundHfQuantizer(config, pre_quantized=True)
+    model.hf_quantizer.quantization_config = config
+
+
+def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, dataset=None, progress: bool = True,
+                   **tuning_kwargs) -> LayerPlan:
+    """Quantise ``model`` in place according to ``config``; returns the layer plan that was carried out."""
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("this model is already quantized")
+    start = time.perf_counter()
+    plan = plan_layers(model, config)
+    plan.log("quantizing")
+    if config.iters == 0 and dataset is None:
+        rtn_quantize(model, plan, progress)
+    else:
+        from .tuning import tune_model
+
+        tune_model(model, plan, config, tokenizer=tokenizer, dataset=dataset, progress=progress, **tuning_kwargs)
+    record_plan(config, plan)
+    mark_quantized(model, config)
+    logger.info("quantized %d layers in %.1f s", len(plan.quantized), time.perf_counter() - start)
+    return plan
