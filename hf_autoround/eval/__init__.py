@@ -1,0 +1,1 @@
+"""Evaluation: perplexity on text (here) and lm-eval tasks on local data (``lm_eval_tasks``)."""
