@@ -48,9 +48,9 @@ def _expect(cond: bool, msg: str):
 
 def _check_g_idx(name: str, info: TensorInfo, in_features: int, group_len: int) -> None:
     _expect(info.shape == (in_features,), f"{name}: shape {info.shape}, expected ({in_features},)")
-    with safe_open(info.file, framework="pt") as f:
-        g_idx = f.get_tensor(name)
-    trivial = torch.arange(in_features) // group_len
+    with safe_open(info.file, framework="pt", device="cpu") as f:
+        g_idx = f.get_tensor(name).to("cpu")
+    trivial = torch.arange(in_features, device="cpu") // group_len  # explicit: this runs under a meta device context
     _expect(torch.equal(g_idx.to(torch.int64), trivial),
             f"{name}: act-order (desc_act) group indices are not supported; expected i // {group_len}")
 
