@@ -1,0 +1,1 @@
+"""GGUF export (filled in below)."""
