@@ -1,0 +1,130 @@
+"""``tune_model``: calibration data -> cached block inputs -> per block: float targets, SignRound (or optimised
+RTN for iters 0), pack, quantized outputs to the next block. Layers planned outside the blocks get RTN."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+
+import torch
+import torch.nn as nn
+
+from ..qdq import quantize_weight
+from ..quant_linear import QuantLinear
+from .cache import BlockInputs, capture_block_inputs, run_block
+from .data import get_calibration_data
+from .opt_rtn import ActivationStats, search_scales
+from .options import TuningOptions
+from .report import BlockStats, Progress, TuningReport
+from .signround import LayerParams, block_loss, tune_block, wrapped
+
+logger = logging.getLogger(__name__)
+
+
+def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, progress: bool = True,
+               **kwargs) -> TuningReport:
+    """Quantise every layer of ``plan`` with SignRound; every planned layer ends packed via ``pack_layer``."""
+    options = TuningOptions.from_config(config, **kwargs)
+    data = get_calibration_data(dataset, tokenizer, options.seqlen, options.nsamples, config.seed)
+    report = options.report if options.report is not None else TuningReport()
+    report.started, report.nsamples = time.perf_counter(), data.nsamples
+    torch.manual_seed(config.seed)
+    was_training = model.training
+    model.eval()
+    containers = [model.get_submodule(name) for name in plan.block_names]
+    bar = Progress(sum(len(c) for c in containers), progress, "SignRound" if config.iters else "RTN (optimised)")
+    try:
+        for name, container in zip(plan.block_names, containers):
+            _tune_container(model, name, container, plan, data, options, report, bar)
+    finally:
+        bar.close()
+        model.train(was_training)
+    _rtn_outside_blocks(model, plan)
+    report.finish()
+    logger.info(report.summary())
+    if progress:
+        bar.bar.write(report.summary())
+    return report
+
+
+def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar) -> None:
+    inputs = capture_block_inputs(model, container[0], data, options.cache_dtype)
+    fp_hidden = q_hidden = inputs.hidden
+    for index, block in enumerate(container):
+        prefix = f"{name}.{index}"
+        layers = {n[len(prefix) + 1:]: s for n, s in plan.quantized.items() if n.startswith(prefix + ".")}
+        stats = BlockStats(prefix, len(layers))
+        start = time.perf_counter()
+        with _fp32_block(block):
+            fp_hidden, q_hidden = _process_block(model, block, prefix, layers, inputs, fp_hidden, q_hidden,
+                                                 options, index, stats, plan.packing_format)
+        stats.seconds = time.perf_counter() - start
+        report.blocks.append(stats)
+        logger.debug("%s: loss %.4g -> %.4g (iter %d), output mse %.4g, %.1f s", prefix, stats.first_loss,
+                     stats.best_loss, stats.best_iter, stats.output_mse, stats.seconds)
+        bar.update(stats)
+
+
+def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden, q_hidden, options, index,
+                   stats: BlockStats, packing_format):
+    """Tune and pack one block; returns the next block's (float inputs, quantized inputs)."""
+    compute, store = torch.float32, options.cache_dtype or fp_hidden.dtype
+    batch = options.signround.batch_size
+    want_stats = bool(layers) and options.signround.iters == 0 and not options.disable_opt_rtn
+    with ActivationStats(block, layers) if want_stats else contextlib.nullcontext() as act:
+        targets = run_block(block, inputs, fp_hidden, batch, compute, store)
+    if not layers:
+        q_out = run_block(block, inputs, q_hidden, batch, compute, store) if q_hidden is not fp_hidden else targets
+        return targets, q_out
+    init = {n: search_scales(block.get_submodule(n).weight, s, act.sums[n]) for n, s in layers.items()} \
+        if want_stats else None
+    tuned_on = q_hidden if options.enable_quanted_input else fp_hidden
+    result = tune_block(block, layers, inputs, tuned_on, targets, options.block_settings(index), init)
+    stats.first_loss, stats.best_loss, stats.best_iter = result.first_loss, result.best_loss, result.best_iter
+    with wrapped(block, layers, result.params, True):
+        q_out = run_block(block, inputs, tuned_on, batch, compute, store)
+    stats.output_mse = float(block_loss(q_out, targets, inputs.token_mask))
+    _pack_block(model, block, prefix, layers, result.params, packing_format)
+    return targets, (q_out if options.enable_quanted_input else targets)
+
+
+def _pack_block(model, block, prefix, layers, params: dict[str, LayerParams], packing_format) -> None:
+    from ..quantize import pack_layer
+
+    for name, scheme in layers.items():
+        p = params[name]
+        weight = block.get_submodule(name).weight
+        qw = quantize_weight(weight, scheme, v=p.v, min_scale=p.min_scale, max_scale=p.max_scale)
+        pack_layer(model, f"{prefix}.{name}", qw, packing_format)
+
+
+@torch.no_grad()
+def _rtn_outside_blocks(model, plan) -> None:
+    from ..quantize import pack_layer
+
+    for name, scheme in plan.quantized.items():
+        if any(name.startswith(b + ".") for b in plan.block_names):
+            continue
+        pack_layer(model, name, quantize_weight(model.get_submodule(name).weight, scheme), plan.packing_format)
+
+
+@contextlib.contextmanager
+def _fp32_block(block: nn.Module):
+    """Run the block in fp32 (tuning and its targets); afterwards cast its float tensors back, QuantLinear
+    scales excepted (they keep their checkpoint dtype)."""
+    dtypes = {id(t): t.dtype for t in list(block.parameters()) + list(block.buffers()) if t.is_floating_point()}
+    original = next((d for d in dtypes.values()), torch.float32)
+    if original == torch.float32:
+        yield
+        return
+    block.float()
+    try:
+        yield
+    finally:
+        for module in block.modules():
+            tensors = [module.bias] if isinstance(module, QuantLinear) and module.bias is not None else None
+            if tensors is None and not isinstance(module, QuantLinear):
+                tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+            for t in tensors or []:
+                if t.is_floating_point():
+                    t.data = t.data.to(original)

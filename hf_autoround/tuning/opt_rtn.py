@@ -1,0 +1,81 @@
+"""Optimised RTN (iters 0 with data): per-group range search weighted by how strongly each input channel is used.
+
+For a linear with inputs ``x``, the output error of a weight error ``dW`` is ``sum_j h_j dW_ij^2`` to first order,
+with ``h_j = sum over tokens of x_j^2``. For each group we pick the range shrink factors (``min_scale`` /
+``max_scale``, the same tensors SignRound tunes) that minimise that weighted error, searched on a grid: first one
+factor for both ends, then (asym only) each end on its own with the other fixed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from ..qdq import qdq, to_groups
+from ..scheme import QuantScheme
+from .signround import LayerParams
+
+GRID = torch.linspace(1.0, 0.4, 31).tolist()
+
+
+class ActivationStats:
+    """Context manager: accumulates ``sum(x^2)`` per input channel of the named linears of a block."""
+
+    def __init__(self, block: nn.Module, names):
+        self.block, self.names = block, list(names)
+        self.sums: dict[str, torch.Tensor] = {}
+        self.handles = []
+
+    def _hook(self, name):
+        def hook(module, args):
+            x = args[0].detach().float()
+            sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
+            self.sums[name] = sq if name not in self.sums else self.sums[name] + sq
+        return hook
+
+    def __enter__(self):
+        self.handles = [self.block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _weighted_error(w, w_hat, h_groups, g):
+    return (to_groups(w - w_hat, g).pow(2) * h_groups).sum(-1)
+
+
+def _search(w, scheme, h_groups, g, fixed_min, fixed_max, which: str):
+    """Best factor per group for ``which`` in ("both", "min", "max"); returns (min_scale, max_scale, error)."""
+    best_err, best_min, best_max = None, fixed_min.clone(), fixed_max.clone()
+    for f in GRID:
+        mn = torch.full_like(fixed_min, f) if which in ("both", "min") else fixed_min
+        mx = torch.full_like(fixed_max, f) if which in ("both", "max") else fixed_max
+        err = _weighted_error(w, qdq(w, scheme, None, mn, mx), h_groups, g)
+        if best_err is None:
+            best_err = err
+            best_min.copy_(mn)
+            best_max.copy_(mx)
+            continue
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_min = torch.where(better, mn, best_min)
+        best_max = torch.where(better, mx, best_max)
+    return best_min, best_max
+
+
+@torch.no_grad()
+def search_scales(weight: torch.Tensor, scheme: QuantScheme, act_sq: torch.Tensor) -> LayerParams:
+    """Range factors for one linear from its weight ``[out, in]`` and ``act_sq`` ``[in]``; V stays 0."""
+    w = weight.float()
+    g = scheme.group_len(w.shape[1])
+    h_groups = to_groups(act_sq.float().unsqueeze(0), g)
+    params = LayerParams.initial(w, scheme)
+    mn, mx = _search(w, scheme, h_groups, g, params.min_scale, params.max_scale, "both")
+    if not scheme.sym:
+        mn, mx = _search(w, scheme, h_groups, g, mn, mx, "max")
+        mn, mx = _search(w, scheme, h_groups, g, mn, mx, "min")
+    params.min_scale.copy_(mn)
+    params.max_scale.copy_(mx)
+    return params

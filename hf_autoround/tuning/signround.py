@@ -1,0 +1,212 @@
+"""The SignRound loop for one transformer block (DESIGN.md §4).
+
+Every planned linear of the block is swapped for a ``QdqLinear`` that computes its weight with
+``qdq.qdq(W, scheme, V, min_scale, max_scale)``; ``V`` (init 0, clamped to [-0.5, 0.5]) and the per-group
+``min_scale`` / ``max_scale`` (init 1, clamped to [0, 1]) are the only trainable tensors. Each step draws one
+batch, computes the (padding-masked) MSE between the block on its quantized inputs and the float targets, and moves
+every parameter by ``-lr * sign(grad)`` with ``lr`` decaying linearly to 0. The parameters of the step with the
+lowest loss are the ones kept.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..qdq import qdq
+from ..scheme import QuantScheme
+from .cache import BlockInputs, forward_block
+
+V_LIMIT = 0.5
+
+
+@dataclass
+class LayerParams:
+    """The tunable state of one linear: ``v`` ``[out, n_groups, g]``, ``min_scale`` / ``max_scale`` ``[out, n_groups]``."""
+
+    v: torch.Tensor
+    min_scale: torch.Tensor
+    max_scale: torch.Tensor
+
+    @classmethod
+    def initial(cls, weight: torch.Tensor, scheme: QuantScheme) -> "LayerParams":
+        out_f, in_f = weight.shape
+        n_groups, g = scheme.n_groups(in_f), scheme.group_len(in_f)
+        return cls(torch.zeros(out_f, n_groups, g), torch.ones(out_f, n_groups), torch.ones(out_f, n_groups))
+
+    def clone(self) -> "LayerParams":
+        return LayerParams(self.v.detach().clone(), self.min_scale.detach().clone(), self.max_scale.detach().clone())
+
+    def copy_(self, other: "LayerParams") -> None:
+        with torch.no_grad():
+            self.v.copy_(other.v)
+            self.min_scale.copy_(other.min_scale)
+            self.max_scale.copy_(other.max_scale)
+
+
+@dataclass
+class SignRoundSettings:
+    iters: int = 200
+    lr: float | None = None  # None: 1 / iters
+    minmax_lr: float | None = None  # None: lr
+    batch_size: int = 8
+    gradient_accumulate_steps: int = 1
+    enable_minmax_tuning: bool = True
+    seed: int = 42
+    compute_dtype: torch.dtype = torch.float32
+    amp: bool = False  # bf16 autocast for the block forward (fp32 master parameters)
+
+    @property
+    def round_lr(self) -> float:
+        return self.lr if self.lr is not None else 1.0 / max(self.iters, 1)
+
+    @property
+    def scale_lr(self) -> float:
+        return self.minmax_lr if self.minmax_lr is not None else self.round_lr
+
+
+@dataclass
+class BlockResult:
+    params: dict[str, LayerParams]  # the kept (best-loss) parameters, by layer name relative to the block
+    first_loss: float = float("nan")
+    best_loss: float = float("nan")
+    best_iter: int = -1
+    losses: list[float] = field(default_factory=list)
+
+
+class QdqLinear(nn.Module):
+    """A linear whose weight is fake-quantised from the float weight and the layer's tunable parameters."""
+
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, params: LayerParams, tune_scales: bool):
+        super().__init__()
+        self.linear, self.scheme, self.params, self.tune_scales = linear, scheme, params, tune_scales
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        w = self.linear.weight
+        if self.tune_scales:
+            w_hat = qdq(w.float(), self.scheme, p.v, p.min_scale, p.max_scale)
+        else:
+            w_hat = qdq(w.float(), self.scheme, p.v)
+        return F.linear(x, w_hat.to(x.dtype), self.linear.bias)
+
+
+@contextlib.contextmanager
+def wrapped(block: nn.Module, layers: dict[str, QuantScheme], params: dict[str, LayerParams], tune_scales: bool):
+    """Swap the block's planned linears for QdqLinear while inside the context; restore them afterwards."""
+    originals = {name: block.get_submodule(name) for name in layers}
+    for name, linear in originals.items():
+        _set(block, name, QdqLinear(linear, layers[name], params[name], tune_scales))
+    try:
+        yield
+    finally:
+        for name, linear in originals.items():
+            _set(block, name, linear)
+
+
+def _set(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+class BatchSampler:
+    """Shuffled batches without replacement; reshuffles when fewer than a batch remain. Indices sorted per batch."""
+
+    def __init__(self, n: int, batch: int, seed: int):
+        self.n, self.batch = n, min(batch, n)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.order, self.pos = torch.randperm(n, generator=self.gen), 0
+
+    def next(self) -> torch.Tensor:
+        if self.pos + self.batch > self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.gen), 0
+        idx = self.order[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return idx.sort().values
+
+
+def block_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE over real tokens (``mask`` ``[b, seq]``, 1 = real) in fp32."""
+    diff = pred.float() - target.float()
+    if mask is None:
+        return diff.pow(2).mean()
+    m = mask.to(diff.dtype).unsqueeze(-1)
+    return (diff.pow(2) * m).sum() / (m.sum() * diff.shape[-1]).clamp(min=1)
+
+
+def _step(params: list[LayerParams], lr: float, scale_lr: float, tune_scales: bool) -> None:
+    with torch.no_grad():
+        vs = [p.v for p in params]
+        torch._foreach_add_(vs, torch._foreach_sign([v.grad for v in vs]), alpha=-lr)
+        for v in vs:
+            v.clamp_(-V_LIMIT, V_LIMIT)
+            v.grad = None
+        if not tune_scales:
+            return
+        scales = [t for p in params for t in (p.min_scale, p.max_scale)]
+        torch._foreach_add_(scales, torch._foreach_sign([s.grad for s in scales]), alpha=-scale_lr)
+        for s in scales:
+            s.clamp_(0.0, 1.0)
+            s.grad = None
+
+
+def _batch_loss(block, inputs: BlockInputs, q_hidden, targets, idx, settings: SignRoundSettings) -> float:
+    """Forward + backward of one step's batch (split into gradient-accumulation chunks); returns the loss."""
+    total = 0.0
+    chunk = max(1, -(-len(idx) // settings.gradient_accumulate_steps))
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if settings.amp else contextlib.nullcontext()
+    for sub in idx.split(chunk):
+        with amp:
+            pred = forward_block(block, inputs, q_hidden, sub, settings.compute_dtype)
+        mask = None if inputs.token_mask is None else inputs.token_mask.index_select(0, sub)
+        loss = block_loss(pred, targets.index_select(0, sub), mask) * (len(sub) / len(idx))
+        loss.backward()
+        total += loss.item()
+    return total
+
+
+def tune_block(block: nn.Module, layers: dict[str, QuantScheme], inputs: BlockInputs, q_hidden: torch.Tensor,
+               targets: torch.Tensor, settings: SignRoundSettings,
+               init: dict[str, LayerParams] | None = None) -> BlockResult:
+    """Tune the planned ``layers`` (names relative to ``block``) and return the best-loss parameters."""
+    params = init or {name: LayerParams.initial(block.get_submodule(name).weight, s) for name, s in layers.items()}
+    if settings.iters == 0:
+        return BlockResult({n: p.clone() for n, p in params.items()})
+    tune_scales = settings.enable_minmax_tuning
+    for p in params.values():
+        p.v.requires_grad_(True)
+        p.min_scale.requires_grad_(tune_scales)
+        p.max_scale.requires_grad_(tune_scales)
+    frozen = [p for p in block.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    result = BlockResult({})
+    sampler = BatchSampler(inputs.nsamples, settings.batch_size * settings.gradient_accumulate_steps, settings.seed)
+    try:
+        with wrapped(block, layers, params, tune_scales):
+            _loop(block, inputs, q_hidden, targets, settings, params, sampler, result)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for p in params.values():
+            for t in (p.v, p.min_scale, p.max_scale):
+                t.requires_grad_(False)
+                t.grad = None
+    return result
+
+
+def _loop(block, inputs, q_hidden, targets, settings, params, sampler, result: BlockResult) -> None:
+    ordered = list(params.values())
+    for i in range(settings.iters):
+        loss = _batch_loss(block, inputs, q_hidden, targets, sampler.next(), settings)
+        result.losses.append(loss)
+        if i == 0:
+            result.first_loss = loss
+        if i == 0 or loss < result.best_loss:
+            result.best_loss, result.best_iter = loss, i
+            result.params = {n: p.clone() for n, p in params.items()}
+        decay = 1.0 - i / settings.iters
+        _step(ordered, settings.round_lr * decay, settings.scale_lr * decay, settings.enable_minmax_tuning)
