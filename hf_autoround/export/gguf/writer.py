@@ -1,0 +1,248 @@
+"""Writing a model as one GGUF file with the ``gguf`` package's ``GGUFWriter``: tensors (quantised per
+:mod:`.mixes` with the per-type block modules), architecture metadata and the tokenizer, so that llama.cpp and
+transformers' GGUF loader run it.
+
+Source weights are the model's float linears, or the dequantised weights of its QuantLinear layers. Llama's q/k
+projection rows are permuted the way llama.cpp's converter does (rotary halves interleaved); readers undo it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import gguf
+from gguf import GGMLQuantizationType as T
+
+from .mixes import BLOCK_MODULES, MIXES, tensor_type
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    arch: gguf.MODEL_ARCH
+    permute_qk: bool
+
+
+ARCHS = {
+    "llama": ArchSpec(gguf.MODEL_ARCH.LLAMA, True),
+    "mistral": ArchSpec(gguf.MODEL_ARCH.LLAMA, True),
+    "qwen2": ArchSpec(gguf.MODEL_ARCH.QWEN2, False),
+}
+
+
+@dataclass
+class GGUFTensor:
+    hf_name: str
+    gguf_name: str
+    qtype: T
+    data: np.ndarray  # what is written: float32 / float16 values, or uint8 blocks
+    dequantized: torch.Tensor  # float32, in the model's (HF) row order: what a reader gets back
+
+
+def arch_spec(model) -> ArchSpec:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ARCHS:
+        raise ValueError(f"GGUF export supports model types {sorted(ARCHS)}, not {model_type!r}")
+    return ARCHS[model_type]
+
+
+def float_state_dict(model) -> dict[str, torch.Tensor]:
+    """Every persistent tensor of the model in float form; QuantLinear layers contribute their dequantised weight."""
+    from ...qdq import dequantize_weight
+    from ...quant_linear import QuantLinear
+
+    state = {}
+    quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for key, tensor in model.state_dict().items():
+        owner = key.rsplit(".", 1)[0]
+        if owner in quant:
+            continue
+        state[key] = tensor
+    for name, layer in quant.items():
+        state[f"{name}.weight"] = dequantize_weight(layer.unpack(), torch.float32)
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
+    """Row index ``perm`` such that ``w[perm]`` is the llama.cpp layout of a q/k projection with ``n_head`` heads."""
+    half = rows // n_head // 2
+    return torch.arange(rows).reshape(n_head, 2, half).transpose(1, 2).reshape(-1)
+
+
+def quantize_tensor(w: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor]:
+    """(bytes or float array to write, dequantised float32 tensor) for a 2-D (or 1-D) tensor."""
+    w = w.detach().to(torch.float32)
+    if qtype == T.F32:
+        return w.numpy().copy(), w.clone()
+    if qtype == T.F16:
+        h = w.to(torch.float16)
+        return h.numpy().copy(), h.to(torch.float32)
+    if qtype == T.BF16:
+        b = w.to(torch.bfloat16)
+        return b.view(torch.uint8).numpy().reshape(w.shape[0], -1).copy(), b.to(torch.float32)
+    mod = BLOCK_MODULES[qtype]
+    rows, cols = w.shape
+    with torch.no_grad():
+        params = mod.quantize(w.reshape(-1, mod.BLOCK))
+        deq = mod.dequantize(params).reshape(rows, cols)
+    return mod.pack(params).reshape(rows, -1), deq
+
+
+def quantize_model_tensors(model, fmt: str) -> list[GGUFTensor]:
+    """Every tensor of the GGUF file for format ``fmt`` (a key of ``mixes.MIXES``), quantised."""
+    spec = arch_spec(model)
+    cfg = model.config
+    n_layers = cfg.num_hidden_layers
+    n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    names = gguf.get_tensor_name_map(spec.arch, n_layers)
+    out = []
+    for key, tensor in float_state_dict(model).items():
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise ValueError(f"GGUF export: no GGUF name for tensor {key!r} of a {cfg.model_type} model")
+        w = tensor.detach().to(torch.float32)
+        perm = None
+        if spec.permute_qk and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
+            perm = qk_row_order(w.shape[0], n_head if ".attn_q." in gguf_name else n_kv)
+            w = w[perm]
+        qtype = tensor_type(fmt, gguf_name, tuple(w.shape), n_layers, n_head // n_kv, tied)
+        data, deq = quantize_tensor(w, qtype)
+        if perm is not None:
+            restored = torch.empty_like(deq)
+            restored[perm] = deq
+            deq = restored
+        out.append(GGUFTensor(key, gguf_name, qtype, data, deq))
+    return out
+
+
+def dequantized_float_model(model, tensors: list[GGUFTensor]):
+    """A float copy of ``model`` whose weights are exactly what a GGUF reader dequantises (QuantLinear -> Linear)."""
+    from ...quant_linear import QuantLinear
+    from ...convert import set_submodule
+
+    copy_ = copy.deepcopy(model)
+    for name, module in list(copy_.named_modules()):
+        if isinstance(module, QuantLinear):
+            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
+            set_submodule(copy_, name, linear)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(copy_, attr):
+            delattr(copy_, attr)
+    if hasattr(copy_.config, "quantization_config"):
+        del copy_.config.quantization_config
+    copy_.is_quantized = False
+    state = {t.hf_name: t.dequantized for t in tensors}
+    missing, unexpected = copy_.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and copy_.config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"dequantized model: missing {missing}, unexpected {unexpected}")
+    copy_.float()
+    if copy_.config.tie_word_embeddings:
+        copy_.tie_weights()
+    return copy_.eval()
+
+
+def _add_metadata(w: gguf.GGUFWriter, model, fmt: str) -> None:
+    cfg = model.config
+    w.add_name(getattr(cfg, "_name_or_path", "") or cfg.model_type)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_file_type(MIXES[fmt].file_type)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    w.add_rope_dimension_count(head_dim)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None)) if isinstance(rope, dict) else None
+    if theta is not None:
+        w.add_rope_freq_base(float(theta))
+    if isinstance(rope, dict) and rope.get("rope_type", "default") not in ("default", None):
+        logger.warning("GGUF export: rope_type %r is not written; readers will use plain RoPE", rope["rope_type"])
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, tokenizer, vocab_size: int, pre: str | None) -> None:
+    """Tokens, scores, types and special ids from the tokenizer files (read by the ``gguf`` package's vocab
+    classes): SentencePiece models as ``llama``, byte-level BPE as ``gpt2``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        path = Path(tmp)
+        sp_model = _sentencepiece_file(tokenizer)
+        if sp_model and not (path / "tokenizer.model").is_file():
+            shutil.copyfile(sp_model, path / "tokenizer.model")
+        if (path / "tokenizer.model").is_file():
+            vocab, model_name, merges = gguf.vocab.SentencePieceVocab(path), "llama", False
+        else:
+            try:
+                vocab, model_name, merges = gguf.vocab.BpeVocab(path), "gpt2", True
+            except FileNotFoundError:  # a SentencePiece-style BPE known only through tokenizer.json
+                vocab, model_name, merges = gguf.vocab.LlamaHfVocab(path), "llama", False
+        tokens, scores, types = [], [], []
+        for text, score, ttype in vocab.all_tokens():
+            tokens.append(text)
+            scores.append(score)
+            types.append(ttype)
+        while len(tokens) < vocab_size:  # embedding rows beyond the tokenizer (padding)
+            tokens.append(f"[PAD{len(tokens)}]".encode())
+            scores.append(-1000.0)
+            types.append(gguf.TokenType.UNUSED)
+        w.add_tokenizer_model(model_name)
+        w.add_tokenizer_pre(pre or "default")
+        w.add_token_list(tokens[:vocab_size] if len(tokens) > vocab_size else tokens)
+        w.add_token_scores(scores[: len(tokens)])
+        w.add_token_types(types[: len(tokens)])
+        gguf.vocab.SpecialVocab(path, load_merges=merges, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
+
+
+def _sentencepiece_file(tokenizer) -> str | None:
+    for candidate in (getattr(tokenizer, "vocab_file", None),
+                      os.path.join(str(getattr(tokenizer, "name_or_path", "") or ""), "tokenizer.model")):
+        if candidate and str(candidate).endswith(".model") and os.path.isfile(candidate):
+            return str(candidate)
+    return None
+
+
+def gguf_file_name(model, fmt: str) -> str:
+    base = os.path.basename(str(getattr(model.config, "_name_or_path", "") or "model").rstrip("/")) or "model"
+    return f"{base}-{fmt.upper()}.gguf"
+
+
+def write_gguf(model, tokenizer, path: str, fmt: str, tokenizer_pre: str | None = None,
+               tensors: list[GGUFTensor] | None = None) -> list[GGUFTensor]:
+    """Write ``model`` as the GGUF file ``path`` in format ``fmt``; returns the tensors written."""
+    if tokenizer is None:
+        raise ValueError("GGUF export needs the tokenizer: llama.cpp reads the vocabulary from the file")
+    spec = arch_spec(model)
+    tensors = tensors if tensors is not None else quantize_model_tensors(model, fmt)
+    w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[spec.arch])
+    _add_metadata(w, model, fmt)
+    _add_tokenizer(w, tokenizer, model.config.vocab_size, tokenizer_pre)
+    for t in tensors:
+        w.add_tensor(t.gguf_name, t.data, raw_dtype=t.qtype if t.qtype not in (T.F32, T.F16) else None)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    counts: dict = {}
+    for t in tensors:
+        counts[t.qtype.name] = counts.get(t.qtype.name, 0) + 1
+    logger.info("wrote %s (%s): %s", path, fmt, counts)
+    return tensors
