@@ -157,6 +157,10 @@ class AutoRoundConfig(transformers.AutoRoundConfig):
 
     # -- (de)serialisation ------------------------------------------------------------------------------------
     @classmethod
+    def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
+        return super().from_dict(foreign_to_native(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
     def coerce(cls, config) -> "AutoRoundConfig":
         """Re-wrap a base-class ``transformers.AutoRoundConfig`` (transformers builds one when merging configs)."""
         if isinstance(config, cls):
@@ -175,6 +179,40 @@ class AutoRoundConfig(transformers.AutoRoundConfig):
 
     def get_loading_attributes(self):
         return {"backend": self.backend}
+
+
+def foreign_to_native(config: dict) -> dict:
+    """A plain GPTQ (v1) or AWQ (gemm) ``quantization_config`` in our terms (also after transformers' base
+    ``AutoRoundConfig.from_dict`` has renamed it to ``packing_format: "auto_round:gptq" / "auto_round:awq"``):
+    AWQ ``zero_point`` -> ``sym``, ``w_bit`` / ``q_group_size`` -> ``bits`` / ``group_size``, GPTQ ``lm_head`` ->
+    ``quant_lm_head``, ``checkpoint_format: "gptq_v2"`` -> raw zero points, ``modules_to_not_convert`` -> float
+    layers in ``extra_config``; act-order GPTQ is refused."""
+    d = dict(config)
+    method, packing = str(d.get("quant_method", "")), str(d.get("packing_format") or "")
+    is_awq, is_gptq = "awq" in method or packing == "auto_round:awq", "gptq" in method or packing == "auto_round:gptq"
+    if not (is_awq or is_gptq):
+        return d
+    if is_awq:
+        if str(d.get("version", "gemm")).lower() != "gemm":
+            raise ValueError(f"AWQ checkpoints of version {d['version']!r} cannot be read; only 'gemm'")
+        d.setdefault("bits", d.pop("w_bit", 4))
+        d.setdefault("group_size", d.pop("q_group_size", 128))
+        if "zero_point" in d:
+            d["sym"] = not d.pop("zero_point")
+        d["packing_format"] = "auto_round:awq"
+    else:
+        if d.pop("desc_act", False):
+            raise ValueError("GPTQ checkpoints with desc_act=True (act-order) cannot be read; only desc_act=False")
+        if "lm_head" in d:
+            d["quant_lm_head"] = bool(d.pop("lm_head"))
+        v2 = str(d.pop("checkpoint_format", "gptq")).lower() == "gptq_v2"
+        d["packing_format"] = "auto_round" if v2 else "auto_round:gptq"
+    extra = dict(d.get("extra_config") or {})
+    for name in d.pop("modules_to_not_convert", None) or []:
+        extra.setdefault(name, {"bits": FLOAT_BITS})
+    d["extra_config"] = extra
+    d["quant_method"] = "auto-round"
+    return d
 
 
 def normalize_block_names(value) -> list[str] | None:

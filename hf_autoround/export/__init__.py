@@ -2,8 +2,14 @@
 
 ``export_model(model, tokenizer, output_dir, formats)`` is the single entry point. ``formats`` is a comma list; with
 one format the checkpoint is written to ``output_dir`` itself, with several each goes to a sub-directory named after
-the format (``:`` replaced by ``-``). Every directory is written to a temporary sibling and renamed into place, so a
-crash never leaves a half-written checkpoint.
+the format (``:`` replaced by ``-``, e.g. ``gguf-q4_k_m``).
+
+Formats: ``auto_round`` (native, the model's packing), ``auto_round:auto_gptq``, ``auto_round:auto_awq``,
+``auto_round:gptqmodel`` (native with that packing), ``auto_gptq`` and ``auto_awq`` (plain GPTQ v1 / AWQ GEMM
+checkpoints, :mod:`.gptq_awq`), and ``gguf:<type>`` (one ``.gguf`` file, :mod:`.gguf`).
+
+Every directory is written to a temporary sibling and renamed into place, so a crash never leaves a half-written
+checkpoint. ``parse_formats`` validates names, schemes and output directories before any tuning starts.
 """
 from __future__ import annotations
 
@@ -16,24 +22,49 @@ from contextlib import contextmanager
 logger = logging.getLogger(__name__)
 
 
-def parse_formats(formats: str | list[str]) -> list[str]:
+def parse_formats(formats: str | list[str], scheme=None, output_dir: str | None = None,
+                  overwrite: bool = False) -> list[str]:
+    """Validate a format list *before* any tuning: unknown names, formats that cannot hold ``scheme`` (a
+    QuantScheme or an AutoRoundConfig; None skips that check) and, given ``output_dir``, target directories that
+    exist and are not empty all raise ValueError. Returns the list of format names."""
     names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
     if not names:
         raise ValueError(f"format={formats!r} names no format")
+    if len(set(names)) != len(names):
+        raise ValueError(f"format={formats!r} names a format twice")
+    scheme = getattr(scheme, "scheme", scheme)
     for name in names:
         writer_for(name)  # raises on an unknown name before anything is written
+        check_scheme(name, scheme)
+    if output_dir is not None:
+        for target in target_dirs(output_dir, names).values():
+            check_output_dir(target, overwrite)
     return names
 
 
-def writer_for(name: str):
-    from . import auto_round
+def check_scheme(name: str, scheme) -> None:
+    from . import gguf as gguf_export
+    from . import gptq_awq
 
-    writers = {"auto_round": auto_round.write}
-    for alias in ("auto_round:auto_gptq", "auto_round:auto_awq", "auto_round:gptqmodel"):
-        writers[alias] = auto_round.write
+    if name.startswith(gguf_export.PREFIX):
+        gguf_export.check_scheme(name, scheme)
+    else:
+        gptq_awq.check_scheme(name, scheme)
+
+
+def writer_for(name: str):
+    from . import gguf as gguf_export
+    from . import gptq_awq
+
+    writers = {fmt: gptq_awq.write for fmt in gptq_awq.FORMATS}
+    writers.update({fmt: gguf_export.write for fmt in gguf_export.FORMATS})
     if name not in writers:
         raise ValueError(f"format={name!r} is unknown; expected a comma list of {sorted(writers)}")
     return writers[name]
+
+
+def target_dirs(output_dir: str, names: list[str]) -> dict[str, str]:
+    return {n: output_dir if len(names) == 1 else os.path.join(output_dir, subdir_name(n)) for n in names}
 
 
 def check_output_dir(path: str, overwrite: bool = False) -> None:
@@ -68,7 +99,7 @@ def subdir_name(fmt: str) -> str:
 def export_model(model, tokenizer, output_dir: str, formats="auto_round", overwrite: bool = False) -> dict:
     """Write ``model`` in each format; returns format -> directory written."""
     names = parse_formats(formats)
-    targets = {n: output_dir if len(names) == 1 else os.path.join(output_dir, subdir_name(n)) for n in names}
+    targets = target_dirs(output_dir, names)
     for target in targets.values():
         check_output_dir(target, overwrite)
     for name, target in targets.items():

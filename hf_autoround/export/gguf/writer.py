@@ -55,20 +55,17 @@ def arch_spec(model) -> ArchSpec:
     return ARCHS[model_type]
 
 
-def float_state_dict(model) -> dict[str, torch.Tensor]:
-    """Every persistent tensor of the model in float form; QuantLinear layers contribute their dequantised weight."""
-    from ...qdq import dequantize_weight
+def source_tensors(model) -> dict:
+    """Every persistent tensor of the model: a float tensor, or the QuantLinear that holds a linear's weight."""
     from ...quant_linear import QuantLinear
 
     state = {}
     quant = {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     for key, tensor in model.state_dict().items():
-        owner = key.rsplit(".", 1)[0]
-        if owner in quant:
-            continue
-        state[key] = tensor
+        if key.rsplit(".", 1)[0] not in quant:
+            state[key] = tensor
     for name, layer in quant.items():
-        state[f"{name}.weight"] = dequantize_weight(layer.unpack(), torch.float32)
+        state[f"{name}.weight"] = layer
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias
     if getattr(model.config, "tie_word_embeddings", False):
@@ -82,22 +79,52 @@ def qk_row_order(rows: int, n_head: int) -> torch.Tensor:
     return torch.arange(rows).reshape(n_head, 2, half).transpose(1, 2).reshape(-1)
 
 
-def quantize_tensor(w: torch.Tensor, qtype: T) -> tuple[np.ndarray, torch.Tensor]:
-    """(bytes or float array to write, dequantised float32 tensor) for a 2-D (or 1-D) tensor."""
-    w = w.detach().to(torch.float32)
-    if qtype == T.F32:
-        return w.numpy().copy(), w.clone()
-    if qtype == T.F16:
-        h = w.to(torch.float16)
-        return h.numpy().copy(), h.to(torch.float32)
-    if qtype == T.BF16:
-        b = w.to(torch.bfloat16)
-        return b.view(torch.uint8).numpy().reshape(w.shape[0], -1).copy(), b.to(torch.float32)
+def direct_params(layer, qtype: T) -> dict | None:
+    """Block parameters taken over from a QuantLinear whose grid this type stores without re-rounding the codes:
+    Q4_0 <- W4 g32 sym, Q8_0 <- W8 g32 sym (exact), Q4_1 <- W4 g32 asym (exact codes and scales; the min
+    ``-zero*scale`` is rounded to fp16). None when the layer's scheme is not one of these."""
+    scheme = layer.spec.scheme
+    wanted = {T.Q4_0: (4, True), T.Q8_0: (8, True), T.Q4_1: (4, False)}.get(qtype)
+    if wanted is None or scheme.group_len(layer.in_features) != 32 or (scheme.bits, scheme.sym) != wanted:
+        return None
+    qw = layer.unpack()
+    codes = qw.codes.t().float().reshape(-1, 32)  # [out * in/32, 32], rows of the torch weight
+    scales = qw.scales.float().t().reshape(-1, 1)
+    zeros = qw.zeros.float().t().reshape(-1, 1)
+    if qtype == T.Q4_0:
+        return {"d": scales, "q": codes}
+    if qtype == T.Q8_0:
+        return {"d": scales, "q": codes - 128}
+    return {"d": scales, "m": (-zeros * scales).to(torch.float16).float(), "q": codes}
+
+
+def quantize_tensor(w, qtype: T, perm: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+    """(array to write, dequantised float32 tensor in the source row order) for a float tensor or QuantLinear;
+    ``perm`` reorders the rows of what is written."""
+    from ...qdq import dequantize_weight
+    from ...quant_linear import QuantLinear
+
+    params = None
+    if isinstance(w, QuantLinear):
+        params = direct_params(w, qtype)
+        if params is None:
+            w = dequantize_weight(w.unpack(), torch.float32)
+    if params is None:
+        w = w.detach().to(torch.float32)
+        if qtype in (T.F32, T.F16, T.BF16):
+            stored = w.to({T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}[qtype])
+            deq = stored.to(torch.float32)
+            stored = stored if perm is None else stored[perm]
+            data = stored.view(torch.uint8) if qtype == T.BF16 else stored
+            return data.numpy().reshape(stored.shape[0], -1).copy() if w.dim() > 1 else data.numpy().copy(), deq
+        with torch.no_grad():
+            params = BLOCK_MODULES[qtype].quantize(w.reshape(-1, BLOCK_MODULES[qtype].BLOCK))
     mod = BLOCK_MODULES[qtype]
-    rows, cols = w.shape
+    rows = w.out_features if isinstance(w, QuantLinear) else w.shape[0]
     with torch.no_grad():
-        params = mod.quantize(w.reshape(-1, mod.BLOCK))
-        deq = mod.dequantize(params).reshape(rows, cols)
+        deq = mod.dequantize(params).reshape(rows, -1)
+    if perm is not None:
+        params = {k: v.reshape(rows, -1)[perm].reshape(v.shape) for k, v in params.items()}
     return mod.pack(params).reshape(rows, -1), deq
 
 
@@ -110,21 +137,16 @@ def quantize_model_tensors(model, fmt: str) -> list[GGUFTensor]:
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     names = gguf.get_tensor_name_map(spec.arch, n_layers)
     out = []
-    for key, tensor in float_state_dict(model).items():
+    for key, source in source_tensors(model).items():
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise ValueError(f"GGUF export: no GGUF name for tensor {key!r} of a {cfg.model_type} model")
-        w = tensor.detach().to(torch.float32)
+        shape = (source.out_features, source.in_features) if hasattr(source, "unpack") else tuple(source.shape)
         perm = None
         if spec.permute_qk and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
-            perm = qk_row_order(w.shape[0], n_head if ".attn_q." in gguf_name else n_kv)
-            w = w[perm]
-        qtype = tensor_type(fmt, gguf_name, tuple(w.shape), n_layers, n_head // n_kv, tied)
-        data, deq = quantize_tensor(w, qtype)
-        if perm is not None:
-            restored = torch.empty_like(deq)
-            restored[perm] = deq
-            deq = restored
+            perm = qk_row_order(shape[0], n_head if ".attn_q." in gguf_name else n_kv)
+        qtype = tensor_type(fmt, gguf_name, shape, n_layers, n_head // n_kv, tied)
+        data, deq = quantize_tensor(source, qtype, perm)
         out.append(GGUFTensor(key, gguf_name, qtype, data, deq))
     return out
 
