@@ -6,6 +6,7 @@ backends whose requirements are met; ``available_backends`` is where imports are
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections import Counter
 
@@ -19,11 +20,18 @@ logger = logging.getLogger(__name__)
 def _requirement_met(req: str) -> bool:
     if req.startswith("aten::"):
         return hasattr(torch.ops.aten, req.split("::", 1)[1])
-    return importlib.util.find_spec(req) is not None
+    try:
+        return importlib.util.find_spec(req) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def missing_requirements(spec: BackendSpec) -> list[str]:
+    return [r for r in spec.requires if not _requirement_met(r)]
 
 
 def available_backends(table=BACKENDS) -> frozenset:
-    return frozenset(b.name for b in table if all(_requirement_met(r) for r in b.requires))
+    return frozenset(b.name for b in table if not missing_requirements(b))
 
 
 def select_backend(scheme, in_features, out_features, device, dtype, packing_format, available,
@@ -36,12 +44,17 @@ def select_backend(scheme, in_features, out_features, device, dtype, packing_for
         if forced not in by_name:
             raise ValueError(f"backend={forced!r} is unknown; expected 'auto' or one of {sorted(by_name)}")
         spec = by_name[forced]
+        fits = [b.name for b in sorted(table, key=lambda b: -b.priority)
+                if b.name in available and b.reason_unfit(*args) is None]
         if forced not in available:
-            raise ValueError(f"backend={forced!r} is not available here (needs {', '.join(spec.requires)})")
+            needs = ", ".join(missing_requirements(spec) or spec.requires)
+            raise ValueError(f"backend={forced!r} is not available here (it needs {needs}); "
+                             f"backends that can run {scheme.describe()} {in_features}x{out_features} on "
+                             f"{device_type} in {dtype}: {fits}")
         reason = spec.reason_unfit(*args)
         if reason:
-            fits = [b.name for b in table if b.name in available and b.reason_unfit(*args) is None]
-            raise ValueError(f"backend={forced!r} cannot run this layer ({reason}); backends that can: {fits}")
+            raise ValueError(f"backend={forced!r} cannot run {scheme.describe()} {in_features}x{out_features} on "
+                             f"{device_type} in {dtype} ({reason}); backends that can: {fits}")
         return spec
     candidates = [b for b in table if b.name in available and b.reason_unfit(*args) is None]
     if not candidates:
@@ -56,19 +69,38 @@ def _kernel_class(spec: BackendSpec):
 
 
 def attach_kernels(model: torch.nn.Module, forced: str | None = None, dtype=None) -> Counter:
-    """Give every QuantLinear of ``model`` its kernel; log and return which backend each kind of layer got."""
+    """Give every QuantLinear of ``model`` its kernel; log and return which backend each kind of layer got.
+
+    ``forced`` is ``AutoRoundConfig.backend`` ("auto"/None chooses per layer); ``dtype`` is the model's activation
+    dtype. A forced backend that cannot run some layer raises before any kernel is attached, naming the layer.
+    Returns ``Counter({(scheme description, backend name): n_layers})``.
+    """
     from ..quant_linear import QuantLinear
 
     available = available_backends()
-    chosen: Counter = Counter()
-    for module in model.modules():
+    plan = []
+    for name, module in model.named_modules():
         if not isinstance(module, QuantLinear):
             continue
         act_dtype = dtype or (module.bias.dtype if module.bias is not None else torch.get_default_dtype())
-        spec = select_backend(module.spec.scheme, module.in_features, module.out_features, module.qweight.device,
-                              act_dtype, module.spec.packing_format, available, forced)
+        try:
+            spec = select_backend(module.spec.scheme, module.in_features, module.out_features, module.qweight.device,
+                                  act_dtype, module.spec.packing_format, available, forced)
+        except ValueError as err:
+            raise ValueError(f"layer {name}: {err}") from None
+        plan.append((module, spec, act_dtype))
+    chosen: Counter = Counter()
+    dtypes: dict = {}
+    for module, spec, act_dtype in plan:
         module.kernel = _kernel_class(spec)(module)
         chosen[(module.spec.scheme.describe(), spec.name)] += 1
+        dtypes.setdefault(spec.name, set()).add(act_dtype)
     for (kind, backend), n in sorted(chosen.items()):
         logger.info("backend %s for %d %s layers", backend, n, kind)
+    for backend in ("cpu_int4", "cpu_int8"):
+        other = sorted(str(d).replace("torch.", "") for d in dtypes.get(backend, ()) if d != torch.bfloat16)
+        if other:
+            logger.info("backend %s: %s activations are rounded to bfloat16 inside the op (float32 accumulation, "
+                        "output in %s); backend='torch' computes in the model dtype throughout",
+                        backend, "/".join(other), "/".join(other))
     return chosen

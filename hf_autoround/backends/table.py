@@ -7,8 +7,11 @@ much we prefer it (priority, higher first) and what it needs to be importable (`
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+
+from .cpu_aten import int4_op_unfit, int8_unfit
 
 ANY = None
 FLOAT_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -27,6 +30,7 @@ class BackendSpec:
     kernel: str
     requires: tuple = ()
     min_out_multiple: int = 1  # output features must be a multiple of this
+    shape_rule: Callable | None = None  # (scheme, in_features, out_features) -> reason it cannot, or None
     note: str = ""
 
     def reason_unfit(self, scheme, in_features, out_features, device_type, dtype, packing_format) -> str | None:
@@ -45,8 +49,16 @@ class BackendSpec:
         for ok, reason in checks:
             if not ok:
                 return reason
+        if self.shape_rule is not None:
+            return self.shape_rule(scheme, in_features, out_features)
         return None
 
+
+CPU = frozenset({"cpu"})
+CUDA = frozenset({"cuda"})
+HALF_DTYPES = frozenset({torch.float16, torch.bfloat16})
+BOTH = frozenset({True, False})
+ATEN_INT4 = ("aten::_convert_weight_to_int4pack_for_cpu", "aten::_weight_int4pack_mm_for_cpu")
 
 BACKENDS: tuple[BackendSpec, ...] = (
     BackendSpec(
@@ -54,11 +66,92 @@ BACKENDS: tuple[BackendSpec, ...] = (
         devices=frozenset({"cpu", "cuda", "xpu", "mps", "hpu"}),
         bits=frozenset({2, 3, 4, 8}),
         group_sizes=ANY,
-        sym=frozenset({True, False}),
+        sym=BOTH,
         packing_formats=ANY,
         dtypes=FLOAT_DTYPES,
         priority=0,
         kernel="hf_autoround.backends.torch_ref:TorchReferenceKernel",
-        note="plain-torch reference: unpack, dequantise, F.linear",
+        note="plain-torch reference: unpack, dequantise, F.linear (in the activation dtype, per call)",
+    ),
+    BackendSpec(
+        name="cpu_int4",
+        devices=CPU,
+        bits=frozenset({2, 3, 4}),
+        group_sizes=ANY,
+        sym=BOTH,
+        packing_formats=ANY,
+        dtypes=FLOAT_DTYPES,
+        priority=50,
+        kernel="hf_autoround.backends.cpu_aten:AtenInt4Kernel",
+        requires=ATEN_INT4,
+        shape_rule=int4_op_unfit,
+        note="torch's int4 weight-only op, repacked at load; bf16 activations inside, caller's dtype outside",
+    ),
+    BackendSpec(
+        name="cpu_int8",
+        devices=CPU,
+        bits=frozenset({8}),
+        group_sizes=ANY,
+        sym=BOTH,
+        packing_formats=ANY,
+        dtypes=FLOAT_DTYPES,
+        priority=50,
+        kernel="hf_autoround.backends.cpu_aten:AtenInt8Kernel",
+        requires=("aten::_weight_int8pack_mm",) + ATEN_INT4,
+        shape_rule=int8_unfit,
+        note="per channel: torch's int8 weight-only op; grouped: two int4-op passes (high and low nibble)",
+    ),
+    # Optional, chosen automatically when importable (gptqmodel needs CUDA torch; IPEX needs its matching torch).
+    BackendSpec(
+        name="gptqmodel_marlin",
+        devices=CUDA,
+        bits=frozenset({4, 8}),
+        group_sizes=frozenset({-1, 32, 64, 128}),
+        sym=frozenset({True}),
+        packing_formats=ANY,
+        dtypes=HALF_DTYPES,
+        priority=100,
+        kernel="hf_autoround.backends.gptqmodel_adapter:MarlinKernel",
+        requires=("gptqmodel",),
+        min_out_multiple=64,
+    ),
+    BackendSpec(
+        name="gptqmodel_exllamav2",
+        devices=CUDA,
+        bits=frozenset({4}),
+        group_sizes=ANY,
+        sym=BOTH,
+        packing_formats=ANY,
+        dtypes=frozenset({torch.float16}),
+        priority=90,
+        kernel="hf_autoround.backends.gptqmodel_adapter:ExllamaV2Kernel",
+        requires=("gptqmodel",),
+        min_out_multiple=32,
+    ),
+    BackendSpec(
+        name="gptqmodel_triton",
+        devices=CUDA,
+        bits=frozenset({2, 4, 8}),
+        group_sizes=ANY,
+        sym=BOTH,
+        packing_formats=ANY,
+        dtypes=HALF_DTYPES,
+        priority=80,
+        kernel="hf_autoround.backends.gptqmodel_adapter:TritonKernel",
+        requires=("gptqmodel", "triton"),
+        min_out_multiple=32,
+    ),
+    BackendSpec(
+        name="ipex",
+        devices=frozenset({"cpu", "xpu"}),
+        bits=frozenset({4}),
+        group_sizes=ANY,
+        sym=BOTH,
+        packing_formats=ANY,
+        dtypes=HALF_DTYPES,
+        priority=60,
+        kernel="hf_autoround.backends.gptqmodel_adapter:IPEXKernel",
+        requires=("gptqmodel", "intel_extension_for_pytorch"),
+        min_out_multiple=32,
     ),
 )
