@@ -180,7 +180,8 @@ def dequantized_float_model(model, tensors: list[GGUFTensor]):
 
 def _add_metadata(w: gguf.GGUFWriter, model, fmt: str) -> None:
     cfg = model.config
-    w.add_name(getattr(cfg, "_name_or_path", "") or cfg.model_type)
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(os.path.basename(str(getattr(cfg, "_name_or_path", "") or cfg.model_type).rstrip("/")))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     w.add_file_type(MIXES[fmt].file_type)
     w.add_context_length(cfg.max_position_embeddings)
@@ -192,6 +193,8 @@ def _add_metadata(w: gguf.GGUFWriter, model, fmt: str) -> None:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     w.add_rope_dimension_count(head_dim)
+    w.add_key_length(head_dim)
+    w.add_value_length(head_dim)
     rope = getattr(cfg, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(cfg, "rope_theta", None)) if isinstance(rope, dict) else None
     if theta is not None:

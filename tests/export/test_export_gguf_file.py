@@ -1,0 +1,117 @@
+"""GGUF files we write, read back by transformers' own GGUF loader: its dequantised weights equal ours exactly
+and the logits match (the real small Llama of the fixtures: hidden 256, SentencePiece tokenizer)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from conftest import FIXTURES
+
+from hf_autoround import AutoRoundConfig
+from hf_autoround.export import export_model
+from hf_autoround.export.gguf.writer import dequantized_float_model, quantize_model_tensors, write_gguf
+from hf_autoround.quantize import quantize_model
+
+FLOAT = os.path.join(FIXTURES, "float")
+# every block layout is checked against the gguf package's dequantisers in test_export_gguf_blocks; here each
+# k-quant, both 32-blocks families and a float type go through the whole file + transformers loader (~3 s each)
+FORMATS = ["q4_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q3_k_m", "bf16"]
+
+
+@pytest.fixture(scope="module")
+def float_llama():
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isdir(FLOAT):
+        pytest.skip(f"{FLOAT} is missing")
+    model = AutoModelForCausalLM.from_pretrained(FLOAT, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(FLOAT)
+
+
+def _load_gguf(directory: str):
+    from transformers import AutoModelForCausalLM
+
+    files = [f for f in os.listdir(directory) if f.endswith(".gguf")]
+    assert len(files) == 1, files
+    return AutoModelForCausalLM.from_pretrained(directory, gguf_file=files[0], dtype=torch.float32).eval(), files[0]
+
+
+def _assert_same_model(ours, theirs, ids):
+    s1, s2 = ours.state_dict(), theirs.state_dict()
+    assert set(s1) == set(s2)
+    unequal = [k for k in s1 if not torch.equal(s1[k], s2[k])]
+    assert not unequal, unequal[:5]
+    with torch.no_grad():
+        assert torch.equal(ours(ids).logits, theirs(ids).logits)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_transformers_reads_our_gguf(tmp_path, float_llama, fmt):
+    model, tokenizer = float_llama
+    tensors = write_gguf(model, tokenizer, str(tmp_path / "m.gguf"), fmt)
+    loaded, _ = _load_gguf(str(tmp_path))
+    expected = dequantized_float_model(model, tensors)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    _assert_same_model(expected, loaded, ids)
+    if fmt not in ("bf16", "f16", "q8_0"):  # quantisation actually happened
+        w0 = model.model.layers[0].mlp.down_proj.weight
+        assert not torch.equal(loaded.model.layers[0].mlp.down_proj.weight, w0)
+
+
+def test_tokenizer_round_trips(tmp_path, float_llama):
+    from transformers import AutoTokenizer
+
+    model, tokenizer = float_llama
+    out = str(tmp_path / "tok")
+    export_model(model, tokenizer, out, "gguf:q8_0")
+    name = next(f for f in os.listdir(out) if f.endswith(".gguf"))
+    theirs = AutoTokenizer.from_pretrained(out, gguf_file=name)
+    text = "The quick brown fox jumps over the lazy dog; 12345 ünïcödé."
+    assert theirs(text).input_ids == tokenizer(text).input_ids
+
+
+def test_quantized_model_exports_its_own_grid(tmp_path, float_llama):
+    """A W4 g32 sym model goes to Q4_0 with its codes and scales taken over: the GGUF weights equal the
+    in-memory QuantLinear's dequantised weights exactly, and the logits match."""
+    import copy
+
+    from hf_autoround.qdq import dequantize_weight
+
+    model, tokenizer = float_llama
+    qmodel = copy.deepcopy(model)
+    quantize_model(qmodel, AutoRoundConfig(bits=4, group_size=32, sym=True, iters=0), progress=False)
+    out = str(tmp_path / "q")
+    export_model(qmodel, tokenizer, out, "gguf:q4_0")
+    loaded, _ = _load_gguf(out)
+    for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
+        layer = qmodel.model.layers[1].get_submodule(name)
+        assert torch.equal(loaded.model.layers[1].get_submodule(name).weight, dequantize_weight(layer.unpack()))
+    ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    expected = dequantized_float_model(qmodel, quantize_model_tensors(qmodel, "q4_0"))
+    _assert_same_model(expected, loaded, ids)
+
+
+def test_reference_gguf_has_our_structure(tmp_path, float_llama):
+    """The reference's q4_0 file of the same model and ours hold the same tensors, types and shapes."""
+    import gguf
+
+    ref_dir = os.path.join(FIXTURES, "gguf_q4_0")
+    ref_file = next(f for f in os.listdir(ref_dir) if f.endswith(".gguf"))
+    model, tokenizer = float_llama
+    out = str(tmp_path / "q4_0")
+    export_model(model, tokenizer, out, "gguf:q4_0")
+    ours = gguf.GGUFReader(os.path.join(out, next(f for f in os.listdir(out) if f.endswith(".gguf"))))
+    ref = gguf.GGUFReader(os.path.join(ref_dir, ref_file))
+
+    def table(r):
+        return {t.name: (t.tensor_type, tuple(int(x) for x in t.shape)) for t in r.tensors}
+
+    assert table(ours) == table(ref)
+    for key in ("llama.rope.dimension_count", "llama.attention.head_count_kv", "tokenizer.ggml.model",
+                "tokenizer.ggml.bos_token_id", "llama.context_length"):
+        assert ours.fields[key].contents() == ref.fields[key].contents(), key
+    # the reference file itself loads in transformers (our consumer test is not vacuous)
+    loaded, _ = _load_gguf(ref_dir)
+    assert loaded.config.num_hidden_layers == model.config.num_hidden_layers
