@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from .data import CalibrationData
 
-_DROP_KWARGS = ("past_key_value", "past_key_values", "use_cache", "output_attentions", "layer_past")
+_DROP_KWARGS = ("past_key_value", "past_key_values", "cache", "use_cache", "output_attentions", "layer_past")
 
 
 class _Captured(Exception):

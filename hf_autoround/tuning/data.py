@@ -10,6 +10,7 @@ Accepted (all offline):
 - a list of strings, of token-id tensors / lists, or of dicts (``input_ids`` [+ ``attention_mask``], ``text`` or
   ``messages``); a 2-D tensor of ids.
 - a hub dataset name, only when the hub is reachable.
+Records of a file or hub source are shuffled with the seed first; a list is used in its order.
 Samples shorter than ``seqlen`` are dropped (and counted in a log line) unless concatenated; longer ones are cut.
 """
 from __future__ import annotations
@@ -240,7 +241,8 @@ def load_source(spec: SourceSpec, tokenizer, seqlen: int, want: int, seed: int) 
     records = read_records(spec.source)
     if not records:
         raise ValueError(f"dataset {_describe(spec.source)} holds no samples")
-    random.Random(seed).shuffle(records)
+    if isinstance(spec.source, str):  # a corpus: a seeded random pick; an in-memory list is used in its order
+        random.Random(seed).shuffle(records)
     want = min(want, spec.num) if spec.num else want
     out = _Collected()
     collect = _collect_concat if spec.concat else _collect_samples

