@@ -38,8 +38,8 @@ def _qconfig(path: str) -> dict:
         return json.load(f)["quantization_config"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
-@pytest.mark.parametrize("bits,sym", [(4, True), (2, True), (3, True), (8, True), (4, False)])
+@pytest.mark.parametrize("arch,bits,sym", [("llama", 4, True), ("qwen2", 4, True), ("opt", 4, True), ("llama", 2, True),
+                                           ("opt", 3, True), ("llama", 8, True), ("qwen2", 4, False)])
 def test_auto_gptq_roundtrip(tmp_path, arch, bits, sym, token_batch):
     model = _quantized_tiny(arch, bits=bits, group_size=32, sym=sym)
     out = str(tmp_path / "gptq")
