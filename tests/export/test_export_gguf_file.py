@@ -115,3 +115,22 @@ def test_reference_gguf_has_our_structure(tmp_path, float_llama):
     # the reference file itself loads in transformers (our consumer test is not vacuous)
     loaded, _ = _load_gguf(ref_dir)
     assert loaded.config.num_hidden_layers == model.config.num_hidden_layers
+
+
+def test_tuned_grid_params_are_written_unchanged(tmp_path, float_llama):
+    """Block parameters computed elsewhere on a type's grid (as GGUF-aware tuning would, with its rounding
+    perturbation v) land in the file as they are: the reader gets exactly ``grid.qdq(w, type, v)``."""
+    from hf_autoround.export.gguf import grid
+
+    model, tokenizer = float_llama
+    name = "model.layers.0.self_attn.q_proj.weight"  # permuted rows in the file: the override must survive that
+    w = model.get_parameter(name).detach()
+    v = torch.rand(w.shape, generator=torch.Generator().manual_seed(3)) - 0.5
+    params = {name: ("q4_k", grid.block_params(w, "q4_k", v))}
+    write_gguf(model, tokenizer, str(tmp_path / "t.gguf"), "q4_k", params=params)
+    loaded, _ = _load_gguf(str(tmp_path))
+    got = loaded.get_parameter(name)
+    assert torch.equal(got, grid.qdq(w, "q4_k", v))
+    assert not torch.equal(got, grid.qdq(w, "q4_k"))
+    with pytest.raises(ValueError, match="grid"):
+        write_gguf(model, tokenizer, str(tmp_path / "u.gguf"), "q4_0", params=params)

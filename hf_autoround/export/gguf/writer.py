@@ -98,14 +98,14 @@ def direct_params(layer, qtype: T) -> dict | None:
     return {"d": scales, "m": (-zeros * scales).to(torch.float16).float(), "q": codes}
 
 
-def quantize_tensor(w, qtype: T, perm: torch.Tensor | None = None) -> tuple[np.ndarray, torch.Tensor]:
+def quantize_tensor(w, qtype: T, perm: torch.Tensor | None = None,
+                    params: dict | None = None) -> tuple[np.ndarray, torch.Tensor]:
     """(array to write, dequantised float32 tensor in the source row order) for a float tensor or QuantLinear;
-    ``perm`` reorders the rows of what is written."""
+    ``perm`` reorders the rows of what is written; ``params`` (from ``grid.block_params``) are packed unchanged."""
     from ...qdq import dequantize_weight
     from ...quant_linear import QuantLinear
 
-    params = None
-    if isinstance(w, QuantLinear):
+    if params is None and isinstance(w, QuantLinear):
         params = direct_params(w, qtype)
         if params is None:
             w = dequantize_weight(w.unpack(), torch.float32)
@@ -128,8 +128,11 @@ def quantize_tensor(w, qtype: T, perm: torch.Tensor | None = None) -> tuple[np.n
     return mod.pack(params).reshape(rows, -1), deq
 
 
-def quantize_model_tensors(model, fmt: str) -> list[GGUFTensor]:
-    """Every tensor of the GGUF file for format ``fmt`` (a key of ``mixes.MIXES``), quantised."""
+def quantize_model_tensors(model, fmt: str, params: dict | None = None) -> list[GGUFTensor]:
+    """Every tensor of the GGUF file for format ``fmt`` (a key of ``mixes.MIXES``), quantised. ``params`` maps a
+    weight name (``model.layers.0.mlp.down_proj.weight``) to ``(type name, block params)`` computed elsewhere (a
+    GGUF-grid tuning run); such a weight is written with exactly those parameters."""
+    params = params or {}
     spec = arch_spec(model)
     cfg = model.config
     n_layers = cfg.num_hidden_layers
@@ -146,7 +149,13 @@ def quantize_model_tensors(model, fmt: str) -> list[GGUFTensor]:
         if spec.permute_qk and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
             perm = qk_row_order(shape[0], n_head if ".attn_q." in gguf_name else n_kv)
         qtype = tensor_type(fmt, gguf_name, shape, n_layers, n_head // n_kv, tied)
-        data, deq = quantize_tensor(source, qtype, perm)
+        given = params.get(key)
+        if given is not None:
+            given_type = T[given[0].upper()] if isinstance(given[0], str) else given[0]
+            if given_type != qtype:
+                raise ValueError(f"{key}: tuned on the {given_type.name} grid, but format {fmt} stores it as "
+                                 f"{qtype.name}")
+        data, deq = quantize_tensor(source, qtype, perm, None if given is None else given[1])
         out.append(GGUFTensor(key, gguf_name, qtype, data, deq))
     return out
 
@@ -251,12 +260,13 @@ def gguf_file_name(model, fmt: str) -> str:
 
 
 def write_gguf(model, tokenizer, path: str, fmt: str, tokenizer_pre: str | None = None,
-               tensors: list[GGUFTensor] | None = None) -> list[GGUFTensor]:
-    """Write ``model`` as the GGUF file ``path`` in format ``fmt``; returns the tensors written."""
+               params: dict | None = None) -> list[GGUFTensor]:
+    """Write ``model`` as the GGUF file ``path`` in format ``fmt``; returns the tensors written (``params``: see
+    :func:`quantize_model_tensors`)."""
     if tokenizer is None:
         raise ValueError("GGUF export needs the tokenizer: llama.cpp reads the vocabulary from the file")
     spec = arch_spec(model)
-    tensors = tensors if tensors is not None else quantize_model_tensors(model, fmt)
+    tensors = quantize_model_tensors(model, fmt, params)
     w = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[spec.arch])
     _add_metadata(w, model, fmt)
     _add_tokenizer(w, tokenizer, model.config.vocab_size, tokenizer_pre)
