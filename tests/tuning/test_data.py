@@ -6,6 +6,7 @@ import logging
 
 import pytest
 import torch
+from tuning_helpers import char_tokenizer, one_thread  # noqa: F401  (fixtures)
 
 from hf_autoround.tuning import data as calib
 from hf_autoround.tuning.data import get_calibration_data, parse_source

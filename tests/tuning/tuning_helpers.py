@@ -1,4 +1,5 @@
-"""Fixtures for the tuning tests: one thread (tiny tensors; avoids OpenMP spinning on a shared CPU), a
+"""Helpers for the tuning tests (imported by each module; not a conftest, so that `from conftest import ...`
+keeps meaning tests/conftest.py): one thread (tiny tensors; avoids OpenMP spinning on a shared CPU), a
 character-level tokenizer, and tiny models with calibration ids."""
 from __future__ import annotations
 

@@ -1,0 +1,118 @@
+"""The per-block loop: best-loss parameters kept, bounds held, loss lowered, signed steps with linear decay."""
+from __future__ import annotations
+
+import torch
+from conftest import build_tiny_model
+from tuning_helpers import one_thread  # noqa: F401  (autouse)
+
+from hf_autoround.scheme import QuantScheme
+from hf_autoround.tuning.cache import capture_block_inputs, forward_block, run_block
+from hf_autoround.tuning.data import CalibrationData
+from hf_autoround.tuning.signround import (BatchSampler, LayerParams, SignRoundSettings, _step, block_loss,
+                                           tune_block, wrapped)
+
+SCHEME = QuantScheme(2, 32, False)  # 2-bit: large rounding errors, so tuning has something to win
+
+
+def block_setup(arch="llama", n=8, seq=24):
+    model = build_tiny_model(arch)
+    torch.manual_seed(5)
+    data = CalibrationData(torch.randint(0, 256, (n, seq)))
+    blocks = model.model.layers
+    inputs = capture_block_inputs(model, blocks[0], data)
+    block = blocks[0]
+    targets = run_block(block, inputs, inputs.hidden, 8, torch.float32)
+    layers = {n: SCHEME for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    return block, inputs, targets, layers
+
+
+def loss_with(block, layers, params, inputs, targets, idx):
+    with wrapped(block, layers, params), torch.no_grad():
+        pred = forward_block(block, inputs, inputs.hidden, idx, torch.float32)
+    return block_loss(pred, targets.index_select(0, idx), None).item()
+
+
+def test_kept_parameters_have_the_best_loss():
+    block, inputs, targets, layers = block_setup(n=4)
+    settings = SignRoundSettings(iters=25, batch_size=4)  # one batch = every sample: each step sees the same data
+    result = tune_block(block, layers, inputs, inputs.hidden, targets, settings)
+    assert result.best_loss == min(result.losses)
+    assert result.losses[result.best_iter] == result.best_loss
+    kept = loss_with(block, layers, result.params, inputs, targets, torch.arange(4))
+    assert abs(kept - result.best_loss) <= 1e-6 * result.best_loss
+
+
+def test_tuning_lowers_the_block_loss_against_rtn():
+    block, inputs, targets, layers = block_setup()
+    result = tune_block(block, layers, inputs, inputs.hidden, targets, SignRoundSettings(iters=60, batch_size=8))
+    rtn = {n: LayerParams.initial(block.get_submodule(n).weight, s) for n, s in layers.items()}
+    everything = torch.arange(inputs.nsamples)
+    rtn_loss = loss_with(block, layers, rtn, inputs, targets, everything)
+    assert result.first_loss == rtn_loss  # step 0 runs with the RTN parameters on the whole (single) batch
+    assert loss_with(block, layers, result.params, inputs, targets, everything) < 0.9 * rtn_loss
+
+
+def test_bounds_hold_with_a_huge_learning_rate():
+    block, inputs, targets, layers = block_setup(n=4)
+    live = {n: LayerParams.initial(block.get_submodule(n).weight, s) for n, s in layers.items()}
+    result = tune_block(block, layers, inputs, inputs.hidden, targets,
+                        SignRoundSettings(iters=6, lr=0.4, minmax_lr=0.7, batch_size=4), init=live)
+    for params in (list(live.values()), list(result.params.values())):  # the last state and the kept one
+        assert max(p.v.abs().max().item() for p in params) <= 0.5
+        assert all(0 <= p.min_scale.min() and p.max_scale.max() <= 1 for p in params)
+        assert all(not p.v.requires_grad for p in params)
+    assert any(p.v.abs().max().item() == 0.5 for p in live.values())  # the clamp was actually needed
+    assert all(p.requires_grad for p in block.parameters())  # the block's own parameters are restored
+
+
+def test_block_parameters_are_left_untouched():
+    block, inputs, targets, layers = block_setup(n=4)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    tune_block(block, layers, inputs, inputs.hidden, targets, SignRoundSettings(iters=3, batch_size=4))
+    after = block.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_iters_zero_returns_the_rtn_parameters():
+    block, inputs, targets, layers = block_setup(n=4)
+    result = tune_block(block, layers, inputs, inputs.hidden, targets, SignRoundSettings(iters=0))
+    for name in layers:
+        p = result.params[name]
+        assert not p.v.any() and bool((p.min_scale == 1).all()) and bool((p.max_scale == 1).all())
+
+
+def test_signed_step_with_linear_decay():
+    p = LayerParams(torch.zeros(2, 1, 4), torch.ones(2, 1), torch.ones(2, 1))
+    p.v.grad = torch.tensor([[[1.0, -2.0, 0.0, 3e-9]], [[-1e-9, 5.0, -5.0, 0.0]]])
+    p.min_scale.grad = torch.tensor([[1.0], [-1.0]])
+    p.max_scale.grad = torch.tensor([[-1.0], [1.0]])
+    _step([p], lr=0.1, scale_lr=0.2, tune_scales=True)
+    assert torch.allclose(p.v, torch.tensor([[[-0.1, 0.1, 0.0, -0.1]], [[0.1, -0.1, 0.1, 0.0]]]))
+    assert torch.allclose(p.min_scale, torch.tensor([[0.8], [1.0]]))  # 1.2 clamped to 1
+    assert p.v.grad is None
+
+
+def test_batch_sampler_covers_every_sample_per_epoch():
+    sampler = BatchSampler(10, 4, seed=1)
+    seen = torch.cat([sampler.next(), sampler.next()])
+    assert len(set(seen.tolist())) == 8
+    batch = sampler.next()  # 2 left < 4: reshuffled
+    assert batch.tolist() == sorted(batch.tolist()) and len(batch) == 4
+    again = BatchSampler(10, 4, seed=1)
+    assert torch.equal(again.next(), seen[:4])
+
+
+def test_gradient_accumulation_matches_one_big_batch_direction():
+    block, inputs, targets, layers = block_setup(n=8)
+    one = tune_block(block, layers, inputs, inputs.hidden, targets, SignRoundSettings(iters=4, batch_size=8))
+    acc = tune_block(block, layers, inputs, inputs.hidden, targets,
+                     SignRoundSettings(iters=4, batch_size=4, gradient_accumulate_steps=2))
+    assert abs(one.losses[0] - acc.losses[0]) <= 1e-5 * one.losses[0]
+
+
+def test_masked_loss_ignores_padding():
+    pred, target = torch.zeros(2, 3, 4), torch.zeros(2, 3, 4)
+    target[1, 2] = 100.0
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert block_loss(pred, target, mask).item() == 0.0
+    assert block_loss(pred, target, None).item() > 0
