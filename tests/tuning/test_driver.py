@@ -1,0 +1,121 @@
+"""Model-level tuning on tiny Llama / Qwen2 / OPT: RTN equality at iters 0, reproducibility, loss lowered,
+optimised RTN, padding masks, layers outside the blocks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model
+from tuning_helpers import one_thread  # noqa: F401  (autouse)
+
+from hf_autoround import AutoRoundConfig
+from hf_autoround.quant_linear import QuantLinear
+from hf_autoround.quantize import quantize_model
+from hf_autoround.scheme import QuantScheme
+from hf_autoround.tuning import TuningReport
+from hf_autoround.tuning.opt_rtn import search_scales
+from hf_autoround.qdq import qdq, to_groups
+
+
+def calib(n=8, seq=24, seed=3):
+    torch.manual_seed(seed)
+    return [torch.randint(1, 256, (seq,)) for _ in range(n)]
+
+
+def packed(model) -> dict:
+    return {name: {k: v.clone() for k, v in m.packed_tensors().items()}
+            for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def same_packing(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
+
+
+def config(**kw):
+    base = dict(bits=4, group_size=32, sym=True, iters=8, nsamples=8, seqlen=24, batch_size=4)
+    base.update(kw)
+    return AutoRoundConfig(**base)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_iters_zero_with_data_is_exactly_rtn(arch):
+    rtn = build_tiny_model(arch)
+    quantize_model(rtn, config(iters=0), progress=False)  # the foundation's RTN path
+    tuned = build_tiny_model(arch)
+    quantize_model(tuned, config(iters=0), dataset=calib(), progress=False, disable_opt_rtn=True)
+    assert same_packing(packed(rtn), packed(tuned)) and packed(rtn)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "opt"])
+def test_same_seed_is_bit_identical(arch):
+    runs = []
+    for seed in (7, 7, 8):
+        model = build_tiny_model(arch)
+        quantize_model(model, config(seed=seed), dataset=calib(), progress=False)
+        runs.append(packed(model))
+    assert same_packing(runs[0], runs[1])
+    assert not same_packing(runs[0], runs[2])  # the seed matters, so the first check can fail
+
+
+def test_tuning_lowers_block_output_error_against_rtn():
+    errors = {}
+    for iters in (0, 40):
+        report = TuningReport()
+        model = build_tiny_model("llama")
+        quantize_model(model, config(bits=2, iters=iters, batch_size=8), dataset=calib(), progress=False,
+                       disable_opt_rtn=True, report=report)
+        errors[iters] = [b.output_mse for b in report.blocks]
+    assert all(t < r for t, r in zip(errors[40], errors[0])), errors
+
+
+def test_optimised_rtn_never_worse_on_its_weighted_error():
+    torch.manual_seed(0)
+    w, act = torch.randn(16, 80), torch.rand(80) * 10
+    for scheme in (QuantScheme(2, 32, False), QuantScheme(4, 32, True)):
+        p = search_scales(w, scheme, act)
+        h = to_groups(act.unsqueeze(0), 32)
+        err = lambda wq: (to_groups(w - wq, 32).pow(2) * h).sum(-1)  # noqa: E731
+        tuned, plain = err(qdq(w, scheme, None, p.min_scale, p.max_scale)), err(qdq(w, scheme))
+        assert bool((tuned <= plain).all()) and tuned.sum() < 0.97 * plain.sum()
+        assert not p.v.any()
+
+
+def test_optimised_rtn_is_used_for_iters_zero_with_data():
+    plain, opt = build_tiny_model("llama"), build_tiny_model("llama")
+    quantize_model(plain, config(bits=2, iters=0), progress=False)
+    quantize_model(opt, config(bits=2, iters=0), dataset=calib(), progress=False)
+    assert not same_packing(packed(plain), packed(opt))
+
+
+def test_padding_mask_reaches_the_loss():
+    ids = calib(4)
+    mask = torch.ones(24, dtype=torch.long)
+    mask[-8:] = 0
+    data = [{"input_ids": i, "attention_mask": mask} for i in ids]
+    report = TuningReport()
+    model = build_tiny_model("llama")
+    quantize_model(model, config(nsamples=4), dataset=data, progress=False, report=report)
+    assert len(report.blocks) == 2 and all(b.best_loss <= b.first_loss for b in report.blocks)
+
+
+def test_layers_outside_blocks_and_float_overrides():
+    model = build_tiny_model("opt")
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    cfg = config(quant_lm_head=True, extra_config={"fc2": {"bits": 16}, "q_proj": {"bits": 8}})
+    plan = quantize_model(model, cfg, dataset=calib(), progress=False)
+    assert isinstance(model.lm_head, QuantLinear)
+    assert not isinstance(model.model.decoder.layers[0].fc2, QuantLinear)
+    assert model.model.decoder.layers[1].self_attn.q_proj.spec.scheme.bits == 8
+    assert all(isinstance(model.get_submodule(n), QuantLinear) for n in plan.quantized)
+
+
+def test_unknown_tuning_argument_is_refused():
+    with pytest.raises(TypeError, match="unknown tuning arguments"):
+        quantize_model(build_tiny_model("llama"), config(), dataset=calib(), progress=False, lr_schedule="cos")
+
+
+def test_too_short_data_fails_before_tuning():
+    model = build_tiny_model("llama")
+    with pytest.raises(ValueError, match="no calibration sample has seqlen=24"):
+        quantize_model(model, config(), dataset=[torch.arange(10)], progress=False)
+    assert not any(isinstance(m, QuantLinear) for m in model.modules())
