@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_tokens", type=int, default=16384, help="tokens of eval_text used for perplexity")
     p.add_argument("--tasks", default=None, help="comma list of lm-eval tasks (local task configs are bundled)")
     p.add_argument("--eval_bs", type=int, default=8, help="batch size for evaluation")
+    p.add_argument("--eval_limit", type=int, default=None, help="examples per lm-eval task (default: all)")
     verbosity = p.add_mutually_exclusive_group()
     verbosity.add_argument("--quiet", action="store_true", help="only warnings and the result table")
     verbosity.add_argument("--verbose", action="store_true", help="debug logging")

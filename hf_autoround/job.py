@@ -1,76 +1,69 @@
 """The CLI's job: load, evaluate float, quantise, save, evaluate the saved checkpoint, report."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 import torch
 
+from .eval.report import EvalTable
+
 logger = logging.getLogger(__name__)
 
 
-def _perplexity_of(model, tokenizer, args) -> float:
+def evaluate(model_or_path, tokenizer, args) -> dict[str, float]:
+    """Perplexity on the eval text, plus lm-eval tasks when ``--tasks`` is given; one flat dict of rows."""
+    from transformers import AutoModelForCausalLM
+
     from .eval.perplexity import perplexity, read_text, token_ids
 
+    model = model_or_path
+    if isinstance(model_or_path, str):
+        model = AutoModelForCausalLM.from_pretrained(model_or_path).eval()  # as a user would, no wrapper
     ids = token_ids(tokenizer, read_text(args.eval_text), args.eval_tokens)
-    seqlen = min(2048, ids.numel())
-    return perplexity(model, ids, seqlen=seqlen, batch_size=1, progress=not args.quiet)
+    rows = {"perplexity (text)": perplexity(model, ids, seqlen=min(2048, ids.numel()), progress=not args.quiet)}
+    if args.tasks:
+        from .eval.lm_eval_tasks import evaluate as lm_eval_evaluate, headline
 
-
-def _report(rows: dict, output_dir: str | None) -> str:
-    lines = ["| model | perplexity | vs float |", "| --- | ---: | ---: |"]
-    base = rows.get("float")
-    for name, ppl in rows.items():
-        ratio = f"{ppl / base:.3f}x" if base else "-"
-        lines.append(f"| {name} | {ppl:.3f} | {ratio} |")
-    table = "\n".join(lines)
-    if output_dir and os.path.isdir(output_dir):
-        with open(os.path.join(output_dir, "eval.json"), "w") as f:
-            json.dump({"perplexity": rows}, f, indent=2)
-        with open(os.path.join(output_dir, "eval.md"), "w") as f:
-            f.write(table + "\n")
-    return table
+        results = lm_eval_evaluate(model_or_path, args.tasks, batch_size=args.eval_bs, limit=args.eval_limit,
+                                   tokenizer=tokenizer)
+        for task, metrics in results.items():
+            if task == "lambada" and "perplexity" in metrics:
+                rows["lambada perplexity"] = metrics["perplexity"]
+                metrics = {k: v for k, v in metrics.items() if k != "perplexity"}
+            metric, value = headline(metrics)
+            rows[f"{task} {metric}"] = value
+    return rows
 
 
 def _dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def run_job(args, config) -> dict:
+def run_job(args, config) -> EvalTable:
     from .export import check_output_dir, export_model
     from .models import load_model
-
-    if args.tasks:
-        raise SystemExit("--tasks: lm-eval task evaluation is not wired into the CLI yet; use "
-                         "`lm_eval --model hf --model_args pretrained=DIR` on the saved checkpoint")
-    if config is not None:
-        check_output_dir(args.output_dir, args.overwrite)  # fail before minutes of work, not after
-    model, tokenizer = load_model(args.model, _dtype(args.model_dtype))
-    rows: dict[str, float] = {}
-    if config is None:  # --eval alone: evaluate what was given
-        rows[os.path.basename(os.path.normpath(args.model))] = _perplexity_of(model, tokenizer, args)
-        print(_report(rows, None))
-        return rows
-    if not args.disable_eval:
-        rows["float"] = _perplexity_of(model, tokenizer, args)
     from .quantize import quantize_model
 
+    table = EvalTable()
+    if config is None:  # --eval alone: evaluate what was given
+        model, tokenizer = load_model(args.model, _dtype(args.model_dtype))
+        table.add(os.path.basename(os.path.normpath(args.model)), evaluate(model, tokenizer, args))
+        print(table.markdown())
+        return table
+    check_output_dir(args.output_dir, args.overwrite)  # fail before minutes of work, not after
+    model, tokenizer = load_model(args.model, _dtype(args.model_dtype))
+    if not args.disable_eval:
+        table.add("float", evaluate(model, tokenizer, args))
     start = time.perf_counter()
     quantize_model(model.to(args.device), config, tokenizer=tokenizer, dataset=args.dataset,
                    progress=not args.quiet)
     logger.info("quantisation took %.1f s", time.perf_counter() - start)
     targets = export_model(model.cpu(), tokenizer, args.output_dir, args.format, overwrite=args.overwrite)
+    first = next(iter(targets.values()))
     if not args.disable_eval:
-        rows[f"{config.scheme.describe()} (saved)"] = _perplexity_of(_reload(targets), tokenizer, args)
-        print(_report(rows, next(iter(targets.values()))))
-    return rows
-
-
-def _reload(targets: dict):
-    """Load the first written checkpoint back through plain transformers, as a user would."""
-    from transformers import AutoModelForCausalLM
-
-    path = next(iter(targets.values()))
-    return AutoModelForCausalLM.from_pretrained(path).eval()
+        table.add(config.scheme.describe(), evaluate(first, tokenizer, args))
+        table.save(first)
+        print(table.markdown())
+    return table
