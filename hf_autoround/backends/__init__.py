@@ -20,6 +20,10 @@ logger = logging.getLogger(__name__)
 def _requirement_met(req: str) -> bool:
     if req.startswith("aten::"):
         return hasattr(torch.ops.aten, req.split("::", 1)[1])
+    if req == "native::w4a8":
+        from . import native
+
+        return native.available()
     try:
         return importlib.util.find_spec(req) is not None
     except (ImportError, ValueError):
@@ -48,6 +52,10 @@ def select_backend(scheme, in_features, out_features, device, dtype, packing_for
                 if b.name in available and b.reason_unfit(*args) is None]
         if forced not in available:
             needs = ", ".join(missing_requirements(spec) or spec.requires)
+            if "native::w4a8" in needs:
+                from . import native
+
+                needs = needs.replace("native::w4a8", f"its compiled library; {native.why_unavailable()}")
             raise ValueError(f"backend={forced!r} is not available here (it needs {needs}); "
                              f"backends that can run {scheme.describe()} {in_features}x{out_features} on "
                              f"{device_type} in {dtype}: {fits}")
@@ -97,6 +105,9 @@ def attach_kernels(model: torch.nn.Module, forced: str | None = None, dtype=None
         dtypes.setdefault(spec.name, set()).add(act_dtype)
     for (kind, backend), n in sorted(chosen.items()):
         logger.info("backend %s for %d %s layers", backend, n, kind)
+    if "cpu_w4a8" in dtypes:
+        logger.info("backend cpu_w4a8: activations are quantised to int8 per 32 inputs (llama.cpp Q8_0 style); "
+                    "backend='cpu_int4' keeps bfloat16 activations")
     for backend in ("cpu_int4", "cpu_int8"):
         other = sorted(str(d).replace("torch.", "") for d in dtypes.get(backend, ()) if d != torch.bfloat16)
         if other:

@@ -2,7 +2,7 @@
 
 A row says what a kernel can run (devices, bits, group sizes, symmetry, packing formats, activation dtypes), how
 much we prefer it (priority, higher first) and what it needs to be importable (``requires``: module names, or
-``torch.ops`` names written ``aten::op``). ``kernel`` is ``"module:Class"``, imported only when chosen.
+``torch.ops`` names written ``aten::op``, or ``native::w4a8`` for our compiled kernel). ``kernel`` is ``"module:Class"``, imported only when chosen.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from .cpu_aten import int4_op_unfit, int8_unfit
+from .native import w4a8_unfit
 
 ANY = None
 FLOAT_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
@@ -88,6 +89,20 @@ BACKENDS: tuple[BackendSpec, ...] = (
         note="torch's int4 weight-only op, repacked at load; bf16 activations inside, caller's dtype outside",
     ),
     BackendSpec(
+        name="cpu_w4a8",
+        devices=CPU,
+        bits=frozenset({2, 3, 4}),
+        group_sizes=ANY,
+        sym=BOTH,
+        packing_formats=ANY,
+        dtypes=FLOAT_DTYPES,
+        priority=60,
+        kernel="hf_autoround.backends.native:W4A8Kernel",
+        requires=("native::w4a8",),
+        shape_rule=w4a8_unfit,
+        note="our AVX2 kernel: 4-bit codes x int8 activations (per 32 inputs), compiled on first use",
+    ),
+    BackendSpec(
         name="cpu_int8",
         devices=CPU,
         bits=frozenset({8}),
@@ -149,7 +164,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         sym=BOTH,
         packing_formats=ANY,
         dtypes=HALF_DTYPES,
-        priority=60,
+        priority=55,
         kernel="hf_autoround.backends.gptqmodel_adapter:IPEXKernel",
         requires=("gptqmodel", "intel_extension_for_pytorch"),
         min_out_multiple=32,

@@ -27,7 +27,10 @@ SCHEMES = {
     "w8g32-asym": dict(bits=8, group_size=32, sym=False),
     "awq": dict(bits=4, group_size=32, sym=False, packing_format="auto_round:auto_awq"),
 }
-FAST = {2: "cpu_int4", 3: "cpu_int4", 4: "cpu_int4", 8: "cpu_int8"}
+NATIVE = "cpu_w4a8" in available_backends()
+LOW = "cpu_w4a8" if NATIVE else "cpu_int4"
+FAST = {2: LOW, 3: LOW, 4: LOW, 8: "cpu_int8"}  # what "auto" picks
+FORCEABLE = {2: ["cpu_int4", "cpu_w4a8"], 3: ["cpu_int4", "cpu_w4a8"], 4: ["cpu_int4", "cpu_w4a8"], 8: ["cpu_int8"]}
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +63,12 @@ def test_forced_backends_match_torch(quantized_dirs, key, token_batch):
         pytest.skip("the planner kept every layer of this model in float for this scheme")
     assert backends_of(auto) == {fast}
     assert rel_error(logits(auto, token_batch), ref) < 1e-2
-    forced = load(dirs[key], fast)
-    assert backends_of(forced) == {fast}
+    for name in FORCEABLE[SCHEMES[key]["bits"]]:
+        if name not in available_backends():
+            continue
+        forced = load(dirs[key], name)
+        assert backends_of(forced) == {name}
+        assert rel_error(logits(forced, token_batch), ref) < 1e-2, name
 
 
 @pytest.mark.parametrize("key", ["w4g32", "w8g32-asym", "w2g32-asym"])
@@ -110,8 +117,8 @@ def test_log_names_backend_per_kind_of_layer(quantized_dirs, caplog):
     arch, dirs = quantized_dirs
     with caplog.at_level(logging.INFO, logger="hf_autoround"):
         load(dirs["w4g32"])
-    assert "backend cpu_int4 for" in caplog.text and "W4 g32 sym layers" in caplog.text
-    assert "rounded to bfloat16" in caplog.text
+    assert f"backend {LOW} for" in caplog.text and "W4 g32 sym layers" in caplog.text
+    assert ("quantised to int8" if NATIVE else "rounded to bfloat16") in caplog.text
 
 
 def test_forced_unknown_backend_raises(quantized_dirs):
@@ -123,7 +130,7 @@ def test_forced_unknown_backend_raises(quantized_dirs):
 def test_forced_unfit_backend_raises(quantized_dirs):
     arch, dirs = quantized_dirs
     with pytest.raises(ValueError, match=r"backend='cpu_int8' cannot run W4 g32 sym .*4-bit not in \[8\].*"
-                                         r"backends that can: \['cpu_int4', 'torch'\]"):
+                                         r"backends that can: \[.*'cpu_int4', 'torch'\]"):
         load(dirs["w4g32"], "cpu_int8")
 
 
@@ -131,5 +138,5 @@ def test_forced_unfit_backend_raises(quantized_dirs):
 def test_forced_unavailable_backend_raises(quantized_dirs):
     arch, dirs = quantized_dirs
     with pytest.raises(ValueError, match=r"backend='gptqmodel_marlin' is not available here \(it needs gptqmodel\)"
-                                         r".*\['cpu_int4', 'torch'\]"):
+                                         r".*'cpu_int4', 'torch'\]"):
         load(dirs["w4g32"], "gptqmodel_marlin")

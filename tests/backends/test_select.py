@@ -8,7 +8,7 @@ from hf_autoround.backends import BACKENDS, available_backends, select_backend
 from hf_autoround.scheme import QuantScheme
 
 ALL = frozenset(b.name for b in BACKENDS)
-CPU_ALL = ALL - {"ipex"}
+CPU_ALL = ALL - {"ipex", "cpu_w4a8"}
 FMT = "auto_round:auto_gptq"
 
 
@@ -32,7 +32,7 @@ def test_fallbacks_to_reference():
     assert pick(shape=(4096, 40), available=CPU_ALL) == "torch"  # out_features not a multiple of 16
     assert pick(group=48, shape=(96, 64), available=CPU_ALL) == "torch"  # no op group divides 96 and 48
     assert pick(bits=8, group=-1, shape=(100, 64), available=CPU_ALL) == "torch"  # int8 op: in_features % 8
-    assert pick(available=ALL) == "ipex"  # preferred on CPU when importable
+    assert pick(available=ALL - {"cpu_w4a8"}) == "ipex"  # preferred over the aten op when importable
 
 
 def test_cuda_prefers_gptqmodel_when_present():
@@ -49,6 +49,11 @@ def test_forced_errors_name_the_reason_and_alternatives():
     with pytest.raises(ValueError, match=r"device cpu not in \['cuda'\]"):
         pick(forced="gptqmodel_marlin")
     assert pick(forced="torch") == "torch" and pick(forced="auto", available=CPU_ALL) == "cpu_int4"
+
+
+def test_native_kernel_preferred_when_built():
+    assert pick(available=ALL - {"ipex"}) == "cpu_w4a8"
+    assert pick(bits=8, available=ALL - {"ipex"}) == "cpu_int8"
 
 
 def test_this_machine_has_the_cpu_kernels():
