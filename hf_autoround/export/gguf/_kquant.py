@@ -17,13 +17,89 @@ def _pick(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return torch.gather(x, dim, x.abs().argmax(dim=dim, keepdim=True)).squeeze(dim)
 
 
-def asym(x: torch.Tensor, sub: int, qmax: int, smax: int, v=None) -> dict:
-    """``w = (d*sc) * q - (dmin*m)`` with q in 0..qmax and sc, m in 0..smax per sub-block of ``sub`` weights."""
+CHUNK = 2048  # super-blocks per search step (bounds the [blocks, candidates, weights] temporaries)
+
+
+def _weighted_fit(xs, w, levels, asym_: bool):
+    """Least-squares ``scale`` (and ``offset`` <= 0) with ``scale * levels + offset ~ xs`` under weights ``w``;
+    returns (scale, offset, weighted squared error), reduced over the last dim."""
+    sw, sl, sll = w.sum(-1), (w * levels).sum(-1), (w * levels * levels).sum(-1)
+    sx, sxl = (w * xs).sum(-1), (w * xs * levels).sum(-1)
+    if asym_:
+        det = sw * sll - sl * sl
+        ok = det > 0
+        scale = torch.where(ok, (sw * sxl - sx * sl) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+        offset = torch.where(ok, (sll * sx - sl * sxl) / torch.where(ok, det, torch.ones_like(det)), torch.zeros_like(det))
+        positive = offset > 0  # the stored min is subtracted: offsets above zero are not representable
+        only_scale = torch.where(sll > 0, sxl / torch.where(sll > 0, sll, torch.ones_like(sll)), torch.zeros_like(sll))
+        scale = torch.where(positive, only_scale, scale)
+        offset = torch.where(positive, torch.zeros_like(offset), offset)
+    else:
+        scale = torch.where(sll > 0, sxl / torch.where(sll > 0, sll, torch.ones_like(sll)), torch.zeros_like(sll))
+        offset = torch.zeros_like(scale)
+    err = (w * (scale.unsqueeze(-1) * levels + offset.unsqueeze(-1) - xs) ** 2).sum(-1)
+    return scale, offset, err
+
+
+def _search_asym(xs: torch.Tensor, qmax: int, rmin: float, rdelta: float, nstep: int):
+    """Per sub-block (scale, -min) chosen among ``nstep + 1`` candidate grids by weighted least squares, in the
+    manner of ggml's reference k-quant search; weights favour large-magnitude values."""
+    lo = xs.amin(-1).clamp(max=0)
+    hi = xs.amax(-1)
+    rms = xs.pow(2).mean(-1, keepdim=True).sqrt()
+    w = rms + xs.abs()
+    span = (hi - lo).clamp(min=1e-30)
+    best_scale, best_min = (hi - lo) / qmax, -lo
+    best_err = (w * ((xs - lo.unsqueeze(-1)) - best_scale.unsqueeze(-1)
+                     * ((xs - lo.unsqueeze(-1)) / best_scale.clamp(min=1e-30).unsqueeze(-1)).round().clamp(0, qmax)) ** 2).sum(-1)
+    for k in range(nstep + 1):
+        iscale = (qmax + rmin + rdelta * k) / span
+        levels = ((xs - lo.unsqueeze(-1)) * iscale.unsqueeze(-1)).round().clamp(0, qmax)
+        scale, offset, err = _weighted_fit(xs, w, levels, asym_=True)
+        better = (err < best_err) & (scale > 0)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, -offset, best_min)
+        best_err = torch.where(better, err, best_err)
+    return best_scale, best_min
+
+
+def _search_sym(xs: torch.Tensor, qneg: int, nstep: int = 9):
+    """Per sub-block signed scale: candidate grids around "full range" refitted by weighted least squares."""
+    mx = _pick(xs)
+    w = xs.pow(2)
+    base = mx / -qneg
+    safe = torch.where(base == 0, torch.ones_like(base), base)
+    levels = (xs / safe.unsqueeze(-1)).round().clamp(-qneg, qneg - 1)
+    best_scale = base
+    best_err = (w * (base.unsqueeze(-1) * levels - xs) ** 2).sum(-1)
+    for k in range(-nstep, nstep + 1):
+        iscale = -(qneg + 0.1 * k) / torch.where(mx == 0, torch.ones_like(mx), mx)
+        levels = (xs * iscale.unsqueeze(-1)).round().clamp(-qneg, qneg - 1)
+        scale, _, err = _weighted_fit(xs, w, levels, asym_=False)
+        better = (err < best_err) & (mx != 0)
+        best_scale = torch.where(better, scale, best_scale)
+        best_err = torch.where(better, err, best_err)
+    return best_scale
+
+
+def _chunked(fn, xs, *args):
+    outs = [fn(xs[i:i + CHUNK], *args) for i in range(0, xs.shape[0], CHUNK)]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(parts) for parts in zip(*outs))
+    return torch.cat(outs)
+
+
+def asym(x: torch.Tensor, sub: int, qmax: int, smax: int, v=None, search=(-1.0, 0.1, 20)) -> dict:
+    """``w = (d*sc) * q - (dmin*m)`` with q in 0..qmax and sc, m in 0..smax per sub-block of ``sub`` weights.
+    ``search`` = (rmin, rdelta, nstep) of the candidate grids for each sub-block's scale and min (None: min/max)."""
     nb = x.shape[0]
     xs = x.reshape(nb, -1, sub)
-    lo = xs.amin(-1).clamp(max=0)
-    hi = xs.amax(-1).clamp(min=0)
-    scale, mn = (hi - lo) / qmax, -lo
+    if search is None:
+        lo = xs.amin(-1).clamp(max=0)
+        scale, mn = (xs.amax(-1).clamp(min=0) - lo) / qmax, -lo
+    else:
+        with torch.no_grad():
+            scale, mn = _chunked(_search_asym, xs.detach(), qmax, *search)
     d = fp16(scale.amax(-1, keepdim=True) / smax)
     dmin = fp16(mn.amax(-1, keepdim=True) / smax)
     sc = (scale * safe_inv(d)).round().clamp(0, smax)
@@ -41,12 +117,17 @@ def asym_dequantize(p: dict, sub: int) -> torch.Tensor:
     return (eff_d * p["q"].reshape(nb, -1, sub) - eff_m).reshape(nb, -1)
 
 
-def sym(x: torch.Tensor, sub: int, qneg: int, sneg: int, v=None) -> dict:
-    """``w = (d*sc) * q`` with q in -qneg..qneg-1 and signed sc in -sneg..sneg-1 per sub-block ("full range": the
-    largest-magnitude weight of a sub-block maps to -qneg, the largest-magnitude scale to -sneg)."""
+def sym(x: torch.Tensor, sub: int, qneg: int, sneg: int, v=None, search: bool = True) -> dict:
+    """``w = (d*sc) * q`` with q in -qneg..qneg-1 and signed sc in -sneg..sneg-1 per sub-block (the sub-block
+    scale: "full range", or with ``search`` the best of candidate grids around it; the largest-magnitude scale
+    maps to -sneg)."""
     nb = x.shape[0]
     xs = x.reshape(nb, -1, sub)
-    scale = _pick(xs) / -qneg
+    if search:
+        with torch.no_grad():
+            scale = _chunked(_search_sym, xs.detach(), qneg)
+    else:
+        scale = _pick(xs) / -qneg
     d = fp16(_pick(scale).unsqueeze(-1) / -sneg)
     sc = (scale * safe_inv(d)).round().clamp(-sneg, sneg - 1)
     eff = (d * sc).unsqueeze(-1)

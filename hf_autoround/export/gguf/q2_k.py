@@ -18,7 +18,7 @@ SUB = 16
 
 
 def quantize(x: torch.Tensor, v=None) -> dict:
-    return _kquant.asym(x, SUB, qmax=3, smax=15, v=v)
+    return _kquant.asym(x, SUB, qmax=3, smax=15, v=v, search=(-0.5, 0.1, 15))
 
 
 def dequantize(p: dict) -> torch.Tensor:

@@ -19,7 +19,7 @@ SUB = 32
 
 
 def quantize(x: torch.Tensor, v=None) -> dict:
-    return _kquant.asym(x, SUB, qmax=31, smax=63, v=v)
+    return _kquant.asym(x, SUB, qmax=31, smax=63, v=v, search=(-0.5, 0.1, 15))
 
 
 def dequantize(p: dict) -> torch.Tensor:
