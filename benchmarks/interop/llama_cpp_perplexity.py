@@ -96,7 +96,9 @@ def main(argv=None) -> int:
     for fmt in [f.strip() for f in args.formats.split(",") if f.strip()]:
         path = os.path.join(folder, f"{args.model}-{fmt}.gguf")
         t0 = time.perf_counter()
+        torch.set_num_threads(1)  # many small elementwise ops: extra threads only contend on a shared machine
         tensors = write_gguf(model, tokenizer, path, fmt, tokenizer_pre=pre)
+        torch.set_num_threads(args.threads)
         write_s = time.perf_counter() - t0
         ours = torch_perplexity(dequantized_float_model(model, tensors), windows)
         t0 = time.perf_counter()

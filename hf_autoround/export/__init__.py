@@ -63,6 +63,13 @@ def writer_for(name: str):
     return writers[name]
 
 
+def preflight(model, tokenizer, name: str) -> None:
+    from . import gguf as gguf_export
+    from . import gptq_awq
+
+    (gguf_export if name.startswith(gguf_export.PREFIX) else gptq_awq).preflight(model, tokenizer, name)
+
+
 def target_dirs(output_dir: str, names: list[str]) -> dict[str, str]:
     return {n: output_dir if len(names) == 1 else os.path.join(output_dir, subdir_name(n)) for n in names}
 
@@ -102,6 +109,8 @@ def export_model(model, tokenizer, output_dir: str, formats="auto_round", overwr
     targets = target_dirs(output_dir, names)
     for target in targets.values():
         check_output_dir(target, overwrite)
+    for name in names:  # every format's own checks first: nothing is written unless all can be
+        preflight(model, tokenizer, name)
     for name, target in targets.items():
         with atomic_directory(target, overwrite) as tmp:
             writer_for(name)(model, tokenizer, tmp, name)

@@ -152,7 +152,8 @@ def _rewrite_config(directory: str, qconfig: dict) -> None:
         f.write("\n")
 
 
-def write(model, tokenizer, directory: str, fmt: str) -> None:
+def preflight(model, tokenizer, fmt: str):
+    """Every check ``write`` makes before writing anything; returns (config, layers, scheme of plain formats)."""
     config = getattr(model.config, "quantization_config", None)
     layers = _quant_layers(model)
     if config is None or not layers:
@@ -161,7 +162,6 @@ def write(model, tokenizer, directory: str, fmt: str) -> None:
     from ..config import AutoRoundConfig
 
     config = AutoRoundConfig.coerce(config)
-    packing = _target_packing(fmt, config.packing_format)
     scheme = None
     if fmt in (PLAIN_GPTQ, PLAIN_AWQ):
         scheme = _single_scheme(config, layers)
@@ -169,6 +169,12 @@ def write(model, tokenizer, directory: str, fmt: str) -> None:
     else:
         for layer_scheme in {layer.spec.scheme for layer in layers.values()}:
             check_scheme(fmt, layer_scheme, config.packing_format)
+    return config, layers, scheme
+
+
+def write(model, tokenizer, directory: str, fmt: str) -> None:
+    config, layers, scheme = preflight(model, tokenizer, fmt)
+    packing = _target_packing(fmt, config.packing_format)
     state = converted_state_dict(model, packing, with_g_idx=fmt == PLAIN_GPTQ)
     if getattr(model.config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)

@@ -128,3 +128,13 @@ def test_rows_that_do_not_fit_fall_back():
     assert tensor_type("q4_k_m", "blk.0.attn_q.weight", (64, 96), 2, 1, False) == T.Q5_0
     assert tensor_type("q6_k", "blk.0.attn_q.weight", (64, 96), 2, 1, False) == T.Q8_0
     assert tensor_type("q2_k", "blk.0.attn_q.weight", (64, 40), 2, 1, False) == T.F16
+
+
+def test_nothing_written_when_a_later_format_cannot_be(tmp_path):
+    from hf_autoround.quantize import quantize_model
+
+    model = build_tiny_model("llama")
+    quantize_model(model, AutoRoundConfig(bits=4, group_size=32, iters=0), progress=False)
+    with pytest.raises(ValueError, match="tokenizer"):
+        export_model(model, None, str(tmp_path / "out"), "auto_gptq,gguf:q4_0")
+    assert not os.path.exists(tmp_path / "out" / "auto_gptq")

@@ -57,6 +57,16 @@ def check_scheme(fmt: str, scheme: QuantScheme | None) -> None:
                          f"bits={native.bits}, group_size={native.group_size}, sym={native.sym}")
 
 
+def preflight(model, tokenizer, fmt: str) -> None:
+    """The checks ``write`` makes before writing anything."""
+    from .writer import arch_spec
+
+    mix_name(fmt)
+    if tokenizer is None:
+        raise ValueError(f"format={fmt!r} needs the tokenizer: llama.cpp reads the vocabulary from the GGUF file")
+    arch_spec(model)
+
+
 def write(model, tokenizer, directory: str, fmt: str, tokenizer_pre: str | None = None) -> str:
     from .writer import gguf_file_name, write_gguf
 
