@@ -7,26 +7,24 @@ import time
 
 import torch
 
+from .eval.quality_report import build_report, write_report
 from .eval.report import EvalTable
+from .tuning.report import TuningReport
 
 logger = logging.getLogger(__name__)
 
 
-def evaluate(model_or_path, tokenizer, args) -> dict[str, float]:
-    """Perplexity on the eval text, plus lm-eval tasks when ``--tasks`` is given; one flat dict of rows."""
-    from transformers import AutoModelForCausalLM
-
+def evaluate(model, tokenizer, args, path: str | None = None) -> dict[str, float]:
+    """Perplexity on the eval text, plus lm-eval tasks when ``--tasks`` is given (lm-eval loads ``path`` itself
+    when given, else evaluates the in-memory model); one flat dict of rows."""
     from .eval.perplexity import perplexity, read_text, token_ids
 
-    model = model_or_path
-    if isinstance(model_or_path, str):
-        model = AutoModelForCausalLM.from_pretrained(model_or_path).eval()  # as a user would, no wrapper
     ids = token_ids(tokenizer, read_text(args.eval_text), args.eval_tokens)
     rows = {"perplexity (text)": perplexity(model, ids, seqlen=min(2048, ids.numel()), progress=not args.quiet)}
     if args.tasks:
         from .eval.lm_eval_tasks import evaluate as lm_eval_evaluate, headline
 
-        results = lm_eval_evaluate(model_or_path, args.tasks, batch_size=args.eval_bs, limit=args.eval_limit,
+        results = lm_eval_evaluate(path or model, args.tasks, batch_size=args.eval_bs, limit=args.eval_limit,
                                    tokenizer=tokenizer)
         for task, metrics in results.items():
             if task == "lambada" and "perplexity" in metrics:
@@ -57,13 +55,28 @@ def run_job(args, config) -> EvalTable:
     if not args.disable_eval:
         table.add("float", evaluate(model, tokenizer, args))
     start = time.perf_counter()
-    quantize_model(model.to(args.device), config, tokenizer=tokenizer, dataset=args.dataset,
-                   progress=not args.quiet)
-    logger.info("quantisation took %.1f s", time.perf_counter() - start)
+    tuning = TuningReport()
+    uses_data = config.iters > 0 or args.dataset is not None
+    plan = quantize_model(model.to(args.device), config, tokenizer=tokenizer, dataset=args.dataset,
+                          progress=not args.quiet, **({"report": tuning} if uses_data else {}))
+    seconds = time.perf_counter() - start
+    logger.info("quantisation took %.1f s", seconds)
     targets = export_model(model.cpu(), tokenizer, args.output_dir, args.format, overwrite=args.overwrite)
     first = next(iter(targets.values()))
+    reloaded = _reload(first)
+    files = write_report(build_report(plan, tuning, reloaded, seconds), first)
     if not args.disable_eval:
-        table.add(config.scheme.describe(), evaluate(first, tokenizer, args))
-        table.save(first)
+        table.add(config.scheme.describe(), evaluate(reloaded, tokenizer, args, path=first))
+        table.save(first, figures=[f for f in files if f.endswith(".png")])
         print(table.markdown())
     return table
+
+
+def _reload(path: str):
+    """The saved checkpoint loaded back through plain transformers, as a user would (no wrapper); None for
+    formats transformers does not load directly."""
+    from transformers import AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        return None
+    return AutoModelForCausalLM.from_pretrained(path).eval()

@@ -36,11 +36,13 @@ class EvalTable:
             lines.append("| **average (tasks)** | " + " | ".join(_fmt(avg.get(c)) for c in self.columns) + " |")
         return "\n".join(lines)
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, figures=()) -> None:
         with open(os.path.join(directory, "eval.json"), "w") as f:
             json.dump({"columns": self.columns, "rows": self.rows, "average": self.averages()}, f, indent=2)
         with open(os.path.join(directory, "eval.md"), "w") as f:
             f.write(self.markdown() + "\n")
+            for figure in figures:
+                f.write(f"\n![{figure}]({figure})\n")
 
 
 def _fmt(value) -> str:
