@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import AutoRoundConfig
 from .convert import set_submodule
+from .guards import apply_nonfinite_policy, check_packed
 from .layers import LayerPlan, plan_layers, record_plan
 from .qdq import quantize_weight
 from .quant_linear import QuantLinear
@@ -20,6 +21,7 @@ logger = logging.getLogger(__name__)
 
 def pack_layer(model: nn.Module, name: str, qw, packing_format: str) -> QuantLinear:
     """Replace the float linear ``name`` by a packed QuantLinear holding ``qw`` (and the linear's bias)."""
+    check_packed(name, qw)
     linear = model.get_submodule(name)
     layer = QuantLinear.from_quantized(qw, packing_format, bias=linear.bias)
     layer.to(linear.weight.device)
@@ -48,12 +50,14 @@ def mark_quantized(model: nn.Module, config: AutoRoundConfig) -> None:
 
 
 def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, dataset=None, progress: bool = True,
-                   **tuning_kwargs) -> LayerPlan:
-    """Quantise ``model`` in place according to ``config``; returns the layer plan that was carried out."""
+                   on_nonfinite: str = "raise", **tuning_kwargs) -> LayerPlan:
+    """Quantise ``model`` in place according to ``config``; returns the layer plan that was carried out.
+    ``on_nonfinite``: "raise" or "keep_float" for layers with NaN/Inf weights or a float16-overflowing range."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized")
     start = time.perf_counter()
     plan = plan_layers(model, config)
+    apply_nonfinite_policy(model, plan, on_nonfinite)
     plan.log("quantizing")
     if config.iters == 0 and dataset is None:
         rtn_quantize(model, plan, progress)
