@@ -96,8 +96,6 @@ def plan_layers(model: nn.Module, config: AutoRoundConfig) -> LayerPlan:
             if scheme is None:
                 continue  # embeddings, lm_head and heads stay float unless asked; not worth a log line each
         reason = layout.can_hold(module.in_features, module.out_features, scheme)
-        if reason is None and scheme.group_size != -1 and scheme.group_size > module.in_features:
-            reason = f"group_size {scheme.group_size} > in_features {module.in_features}"
         if reason:
             plan.kept_float[name] = reason
             continue

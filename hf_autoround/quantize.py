@@ -49,6 +49,13 @@ def mark_quantized(model: nn.Module, config: AutoRoundConfig) -> None:
     model.hf_quantizer.quantization_config = config
 
 
+def attach_default_kernels(model: nn.Module, config: AutoRoundConfig) -> None:
+    """The in-memory quantised model runs on the same kernels it would get when reloaded from disk."""
+    from .backends import attach_kernels
+
+    attach_kernels(model, forced=config.backend, dtype=next(model.parameters()).dtype)
+
+
 def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, dataset=None, progress: bool = True,
                    on_nonfinite: str = "raise", **tuning_kwargs) -> LayerPlan:
     """Quantise ``model`` in place according to ``config``; returns the layer plan that was carried out.
@@ -67,5 +74,6 @@ def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, da
         tune_model(model, plan, config, tokenizer=tokenizer, dataset=dataset, progress=progress, **tuning_kwargs)
     record_plan(config, plan)
     mark_quantized(model, config)
+    attach_default_kernels(model, config)
     logger.info("quantized %d layers in %.1f s", len(plan.quantized), time.perf_counter() - start)
     return plan
