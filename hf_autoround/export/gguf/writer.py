@@ -161,30 +161,20 @@ def quantize_model_tensors(model, fmt: str, params: dict | None = None) -> list[
 
 
 def dequantized_float_model(model, tensors: list[GGUFTensor]):
-    """A float copy of ``model`` whose weights are exactly what a GGUF reader dequantises (QuantLinear -> Linear)."""
-    from ...quant_linear import QuantLinear
-    from ...convert import set_submodule
-
-    copy_ = copy.deepcopy(model)
-    for name, module in list(copy_.named_modules()):
-        if isinstance(module, QuantLinear):
-            linear = torch.nn.Linear(module.in_features, module.out_features, bias=module.bias is not None)
-            set_submodule(copy_, name, linear)
-    for attr in ("hf_quantizer", "quantization_method"):
-        if hasattr(copy_, attr):
-            delattr(copy_, attr)
-    if hasattr(copy_.config, "quantization_config"):
-        del copy_.config.quantization_config
-    copy_.is_quantized = False
+    """A new float32 model of the same class whose weights are exactly what a GGUF reader dequantises."""
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(model)(config).to(torch.float32)
     state = {t.hf_name: t.dequantized for t in tensors}
-    missing, unexpected = copy_.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and copy_.config.tie_word_embeddings)]
+    missing, unexpected = fresh.load_state_dict(state, strict=False)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
     if missing or unexpected:
         raise RuntimeError(f"dequantized model: missing {missing}, unexpected {unexpected}")
-    copy_.float()
-    if copy_.config.tie_word_embeddings:
-        copy_.tie_weights()
-    return copy_.eval()
+    if tied:
+        fresh.tie_weights()
+    return fresh.eval()
 
 
 def _add_metadata(w: gguf.GGUFWriter, model, fmt: str) -> None:
