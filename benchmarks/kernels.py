@@ -42,6 +42,12 @@ from hf_autoround.scheme import QuantScheme  # noqa: E402
 SHAPES = [(2048, 2048), (2048, 8192), (4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 BATCHES = [1, 8, 128]
 SCHEMES = {"W4G128": QuantScheme(4, 128, True), "W8G128": QuantScheme(8, 128, True), "W2G64": QuantScheme(2, 64, True)}
+# (label, scheme, forced backend or None = what "auto" picks)
+LAYER_KERNELS = [("W4G128", SCHEMES["W4G128"], None), ("W4G128", SCHEMES["W4G128"], "cpu_int4"),
+                 ("W8G128", SCHEMES["W8G128"], None), ("W8PC", QuantScheme(8, -1, True), None),
+                 ("W2G64", SCHEMES["W2G64"], None)]
+DECODE_VARIANTS = [("W4G128", SCHEMES["W4G128"], None), ("W4G128", SCHEMES["W4G128"], "cpu_int4"),
+                   ("W8G128", SCHEMES["W8G128"], None), ("W2G64", SCHEMES["W2G64"], None)]
 GIB = 1 << 30
 
 
@@ -110,37 +116,44 @@ def clone_kernel(kernel):
 
 
 # ---------------------------------------------------------------------------------------------------------- layers
-def make_quant_layer(in_f, out_f, scheme, seed=0):
+def make_quant_layer(in_f, out_f, scheme, seed=0, forced=None):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(out_f, in_f, generator=gen) * 0.02
     layer = QuantLinear.from_quantized(quantize_weight(w, scheme), "auto_round:auto_gptq")
-    attach_kernels(layer, dtype=torch.bfloat16)
+    attach_kernels(layer, forced=forced, dtype=torch.bfloat16)
     return layer
 
 
+def _dense_pool(in_f, out_f, dtype, pool_gib):
+    w = (torch.randn(out_f, in_f) * 0.02).to(dtype)
+    n = max(2, int(pool_gib * GIB // (w.numel() * w.element_size())) + 1)
+    pool = [w] + [w.clone() for _ in range(n - 1)]
+    return [lambda x, w=w_: F.linear(x, w) for w_ in pool], w.numel() * w.element_size()
+
+
+def _kernel_pool(in_f, out_f, scheme, forced, pool_gib):
+    layer = make_quant_layer(in_f, out_f, scheme, forced=forced)
+    kernel = layer.kernel
+    nbytes = tensor_bytes(kernel)
+    n = max(2, int(pool_gib * GIB // nbytes) + 1)
+    return [kernel] + [clone_kernel(kernel) for _ in range(n - 1)], nbytes, kernel.name
+
+
 def bench_layers(shapes, batches, pool_gib, min_reps, budget_s, log):
+    """One pool at a time (built, timed at every batch size, freed), so memory stays near ``pool_gib``."""
     rows = []
     for in_f, out_f in shapes:
-        candidates = {}
-        dense = torch.randn(out_f, in_f) * 0.02
-        for dt_name, dt in (("bf16 F.linear", torch.bfloat16), ("fp32 F.linear", torch.float32)):
-            w = dense.to(dt)
-            n = max(2, int(pool_gib * GIB // (w.numel() * w.element_size())) + 1)
-            pool = [w.clone() for _ in range(n)]
-            candidates[dt_name] = (dt, [lambda x, w=w_: F.linear(x, w) for w_ in pool], w.numel() * w.element_size(),
-                                   pool)
-        del dense
-        for name, scheme in SCHEMES.items():
-            layer = make_quant_layer(in_f, out_f, scheme)
-            kernel = layer.kernel
-            nbytes = tensor_bytes(kernel)
-            n = max(2, int(pool_gib * GIB // nbytes) + 1)
-            pool = [kernel] + [clone_kernel(kernel) for _ in range(n - 1)]
-            candidates[f"{name} {kernel.name}"] = (torch.bfloat16, pool, nbytes, pool)
-        for m in batches:
-            x32 = torch.randn(m, in_f)
-            for name, (dt, fns, nbytes, _) in candidates.items():
-                x = x32.to(dt)
+        candidates = [("bf16 F.linear", torch.bfloat16, None, None), ("fp32 F.linear", torch.float32, None, None)]
+        candidates += [(label, torch.bfloat16, scheme, forced) for label, scheme, forced in LAYER_KERNELS]
+        for label, dt, scheme, forced in candidates:
+            if scheme is None:
+                fns, nbytes = _dense_pool(in_f, out_f, dt, pool_gib)
+                name = label
+            else:
+                fns, nbytes, backend = _kernel_pool(in_f, out_f, scheme, forced, pool_gib)
+                name = f"{label} {backend}"
+            for m in batches:
+                x = torch.randn(m, in_f).to(dt)
                 state = {"i": 0}
 
                 def call():
@@ -148,13 +161,13 @@ def bench_layers(shapes, batches, pool_gib, min_reps, budget_s, log):
                     state["i"] += 1
                     fn(x)
 
-                t = median_time(call, min_reps, budget_s)
+                t = median_time(call, min_reps if m < 64 else max(3, min_reps // 2), budget_s)
                 row = dict(shape=f"{in_f}x{out_f}", in_features=in_f, out_features=out_f, batch=m, kernel=name,
                            us=t * 1e6, weight_bytes=nbytes, gbps=nbytes / t / 1e9, pool=len(fns))
                 rows.append(row)
                 log(f"  {row['shape']:>11} M={m:<4} {name:<22} {row['us']:>11.0f} us {row['gbps']:6.1f} GB/s")
-        del candidates
-        gc.collect()
+            del fns
+            gc.collect()
     return rows
 
 
@@ -196,13 +209,13 @@ def decode_speed(model, n_tokens, prompt_len=8, prefill_len=128, vocab=None):
     return statistics.median(times[1:] if len(times) > 2 else times), prefill
 
 
-def quantized_copy(model, scheme: QuantScheme):
+def quantized_copy(model, scheme: QuantScheme, forced=None):
     from hf_autoround.quantize import quantize_model
 
     q = copy.deepcopy(model)
     quantize_model(q, AutoRoundConfig(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym, iters=0),
                    progress=False)
-    attach_kernels(q, dtype=torch.bfloat16)
+    attach_kernels(q, forced=forced, dtype=torch.bfloat16)
     return q
 
 
@@ -215,17 +228,19 @@ def bench_decode(models, n_tokens, log):
             model, _ = load_model("smollm2-135m", dtype=torch.float32)
         else:
             model = llama_1b(torch.float32)
-        variants = [("float32", None), ("bf16", None)] + [(k, s) for k, s in SCHEMES.items()]
-        for variant, scheme in variants:
+        variants = [("float32", None, None), ("bf16", None, None)] + DECODE_VARIANTS
+        for variant, scheme, forced in variants:
             if variant == "bf16":
                 model = model.to(torch.bfloat16)
-            m = quantized_copy(model, scheme) if scheme is not None else model
+            m = quantized_copy(model, scheme, forced) if scheme is not None else model
             backends = sorted({mod.kernel.name for mod in m.modules() if isinstance(mod, QuantLinear)})
             per_token, prefill = decode_speed(m, n_tokens)
+            if forced:
+                variant = f"{variant}/{forced}"
             row = dict(model=model_name, variant=variant, backends=backends, ms_per_token=per_token * 1e3,
                        tokens_per_s=1 / per_token, prefill128_ms=prefill * 1e3)
             rows.append(row)
-            log(f"  {model_name:<13} {variant:<8} {row['ms_per_token']:8.1f} ms/token {row['tokens_per_s']:7.1f} tok/s "
+            log(f"  {model_name:<13} {variant:<16} {row['ms_per_token']:8.1f} ms/token {row['tokens_per_s']:7.1f} tok/s "
                 f" prefill(128) {row['prefill128_ms']:8.0f} ms  {','.join(backends)}")
             if m is not model:
                 del m
@@ -243,24 +258,28 @@ def bench_decode(models, n_tokens, log):
 
 # ------------------------------------------------------------------------------------------------------------ main
 def print_layer_table(rows, bandwidth, log):
-    log(f"\nPer layer (median us, effective GB/s, % of {bandwidth:.1f} GB/s measured DRAM bandwidth)")
+    log(f"\nPer layer: median us / effective GB/s / % of the {bandwidth:.1f} GB/s measured DRAM bandwidth "
+        "(bytes = weight data the kernel reads)")
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
-    log(f"{'shape':>11} {'M':>4} " + " ".join(f"{k[:22]:>26}" for k in kernels))
+    log("| shape (in x out) | M | " + " | ".join(kernels) + " |")
+    log("|---|---|" + "---|" * len(kernels))
     for shape in dict.fromkeys(r["shape"] for r in rows):
         for m in dict.fromkeys(r["batch"] for r in rows):
             cells = []
             for k in kernels:
                 r = next((r for r in rows if r["shape"] == shape and r["batch"] == m and r["kernel"] == k), None)
-                cells.append(f"{r['us']:>9.0f} {r['gbps']:5.1f} {100 * r['gbps'] / bandwidth:4.0f}%  " if r else " " * 26)
-            log(f"{shape:>11} {m:>4} " + " ".join(f"{c:>26}" for c in cells))
+                cells.append(f"{r['us']:.0f} / {r['gbps']:.1f} / {100 * r['gbps'] / bandwidth:.0f}%" if r else "")
+            log(f"| {shape} | {m} | " + " | ".join(cells) + " |")
 
 
 def print_decode_table(rows, log):
-    log("\nGreedy decode (median ms/token, tokens/s, ratio to bf16; prefill of 128 tokens)")
+    log("\nGreedy decode, batch 1 (median ms/token; tokens/s; ratio to bf16) and one 128-token prefill")
+    log("| model | variant | backend | ms/token | tokens/s | x bf16 | prefill 128 ms | prefill x bf16 |")
+    log("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        log(f"  {r['model']:<13} {r['variant']:<8} {r['ms_per_token']:8.1f} ms {r['tokens_per_s']:7.1f} tok/s "
-            f"x{r['speedup_vs_bf16']:5.2f}   prefill {r['prefill128_ms']:7.0f} ms x{r['prefill_speedup_vs_bf16']:5.2f}"
-            f"   {','.join(r['backends'])}")
+        log(f"| {r['model']} | {r['variant']} | {','.join(r['backends']) or '-'} | {r['ms_per_token']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['prefill128_ms']:.0f} | "
+            f"{r['prefill_speedup_vs_bf16']:.2f} |")
 
 
 def main(argv=None):
@@ -270,6 +289,7 @@ def main(argv=None):
     p.add_argument("--pool-gib", type=float, default=None, help="weight pool size per kernel (default 1.25)")
     p.add_argument("--tokens", type=int, default=None, help="decoded tokens per model variant")
     p.add_argument("--models", default="smollm2-135m,llama-1b")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "kernels.json"))
@@ -287,12 +307,17 @@ def main(argv=None):
     def log(msg):
         print(msg, flush=True)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     info = dict(torch=torch.__version__, threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=platform.processor() or
                 platform.machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     log(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_capability']}")
     bandwidth = measure_bandwidth()
     log(f"measured DRAM read bandwidth: {bandwidth:.1f} GB/s")
+    info["loadavg_start"] = os.getloadavg()
+    log(f"load average at start: {info['loadavg_start']} (other processes share these cores)")
     result = dict(info=info, bandwidth_gbps=bandwidth, layers=[], decode=[])
     if not args.skip_layers:
         log(f"\nlayers (pool {pool_gib} GiB per kernel)")
@@ -302,6 +327,8 @@ def main(argv=None):
         log("\ndecode")
         result["decode"] = bench_decode([m for m in args.models.split(",") if m], tokens, log)
         print_decode_table(result["decode"], log)
+    info["loadavg_end"] = os.getloadavg()
+    log(f"load average at end: {info['loadavg_end']}")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
