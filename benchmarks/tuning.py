@@ -71,6 +71,16 @@ def worker_float(args) -> dict:
     return {"ppl": eval_ppl(model, tok, args)}
 
 
+def float_layers(args, model) -> dict:
+    """``--blocks N``: every linear of blocks N.. stays float (exact names, understood by both implementations)."""
+    if not args.blocks:
+        return {}
+    import torch
+
+    return {name: {"bits": 16} for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+            and name.startswith("model.layers.") and int(name.split(".")[2]) >= args.blocks}
+
+
 def worker_ours(args) -> dict:
     import torch
 
@@ -82,7 +92,8 @@ def worker_ours(args) -> dict:
     iters = 0 if args.mode in ("rtn", "optrtn") else args.iters
     dataset = None if args.mode == "rtn" else calib
     ar = AutoRound(model, tok, bits=bits, group_size=group_size, sym=sym, iters=iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=dataset, seed=42, progress=args.progress)
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=dataset, seed=42, progress=args.progress,
+                   layer_config=float_layers(args, model), **json.loads(args.ours_kwargs))
     start = time.perf_counter()
     ar.quantize()
     seconds = time.perf_counter() - start
@@ -104,7 +115,8 @@ def worker_ref(args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.float_dir)
     calib = [row.unsqueeze(0) for row in torch.load(args.calib)]
     ar = AutoRound(model, tok, bits=bits, group_size=group_size, sym=sym, iters=args.iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=calib, seed=42, device_map="cpu")
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=calib, seed=42, device_map="cpu",
+                   layer_config=float_layers(args, model) or None)
     start = time.perf_counter()
     ar.quantize()
     seconds = time.perf_counter() - start
@@ -155,7 +167,8 @@ def prepare(args, work: str) -> None:
 def run_worker(python: str, name: str, args, **extra) -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", name, "--float-dir", args.float_dir, "--calib", args.calib,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
-           "--eval-tokens", str(args.eval_tokens), "--eval-seqlen", str(args.eval_seqlen)]
+           "--eval-tokens", str(args.eval_tokens), "--eval-seqlen", str(args.eval_seqlen), "--blocks", str(args.blocks),
+           "--ours-kwargs", args.ours_kwargs]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, PYTHONPATH=ROOT if name != "ref" else "")
@@ -200,7 +213,9 @@ def collect(args) -> list[dict]:
 
 def print_table(rows, args) -> None:
     float_ppl = rows[0].get("ppl", float("nan"))
-    print(f"\nSmolLM2-135M{f' (first {args.layers} blocks)' if args.layers else ''}, nsamples {args.nsamples}, "
+    scope = f" (first {args.layers} blocks only)" if args.layers else ""
+    scope += f" (blocks 0..{args.blocks - 1} quantized, the rest float)" if args.blocks else ""
+    print(f"\nSmolLM2-135M{scope}, nsamples {args.nsamples}, "
           f"seqlen {args.seqlen}, batch {args.batch_size}; ppl on {args.eval_tokens} tokens of Emma")
     print(f"{'method':22} {'scheme':10} {'iters':>5} {'ppl':>9} {'gap':>8} {'tune s':>8} {'peak RSS MiB':>12}")
     for r in rows:
@@ -208,7 +223,20 @@ def print_table(rows, args) -> None:
         print(f"{r['method']:22} {r['scheme']:10} {r['iters']:>5} {ppl:9.3f} {ppl - float_ppl:8.3f} "
               f"{r.get('tune_s', float('nan')):8.1f} {r.get('peak_rss_mb', float('nan')):12.0f}"
               + (f"  {r['error']}" if "error" in r else ""))
+    for ours, ref in paired(rows):
+        gap_ratio = (ours["ppl"] - float_ppl) / (ref["ppl"] - float_ppl)
+        print(f"ours / reference, {ours['scheme']} iters {ours['iters']}: perplexity gap x{gap_ratio:.2f}, "
+              f"tuning time x{ours['tune_s'] / ref['tune_s']:.2f}, peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}")
     sys.stdout.flush()
+
+
+def paired(rows):
+    """(ours signround, reference) rows at the same scheme and iters, both complete."""
+    done = [r for r in rows if "ppl" in r and "tune_s" in r]
+    for ours in (r for r in done if r["method"] == "ours signround"):
+        for ref in (r for r in done if r["method"] == "reference auto-round"):
+            if (ref["scheme"], ref["iters"]) == (ours["scheme"], ours["iters"]):
+                yield ours, ref
 
 
 def parse_args():
@@ -218,7 +246,11 @@ def parse_args():
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--layers", type=int, default=0, help="keep only the first N blocks (0 = all 30)")
+    p.add_argument("--layers", type=int, default=0, help="keep only the first N blocks (0 = all 30); perplexity of "
+                   "such a truncated model is meaningless, use it for timing only")
+    p.add_argument("--blocks", type=int, default=0, help="quantize only the first N blocks, the rest stay float "
+                   "(0 = all): the full model is evaluated, so perplexity stays meaningful")
+    p.add_argument("--ours-kwargs", default="{}", help="JSON of extra AutoRound arguments for our runs")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--reference", action="store_true", help="also run the reference auto-round")

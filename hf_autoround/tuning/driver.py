@@ -50,11 +50,15 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
 
 
 def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar) -> None:
+    per_block = [_block_layers(plan, f"{name}.{i}") for i in range(len(container))]
+    last = max((i for i, layers in enumerate(per_block) if layers), default=-1)
+    if last < 0:
+        bar.bar.update(len(container))
+        return
     inputs = capture_block_inputs(model, container[0], data, options.cache_dtype)
     fp_hidden = q_hidden = inputs.hidden
-    for index, block in enumerate(container):
-        prefix = f"{name}.{index}"
-        layers = {n[len(prefix) + 1:]: s for n, s in plan.quantized.items() if n.startswith(prefix + ".")}
+    for index, block in enumerate(container[:last + 1]):  # blocks after the last planned layer stay as they are
+        prefix, layers = f"{name}.{index}", per_block[index]
         stats = BlockStats(prefix, len(layers))
         start = time.perf_counter()
         with _fp32_block(block):
@@ -65,6 +69,12 @@ def _tune_container(model, name, container, plan, data, options: TuningOptions, 
         logger.debug("%s: loss %.4g -> %.4g (iter %d), output mse %.4g, %.1f s", prefix, stats.first_loss,
                      stats.best_loss, stats.best_iter, stats.output_mse, stats.seconds)
         bar.update(stats)
+    bar.bar.update(len(container) - last - 1)
+
+
+def _block_layers(plan, prefix: str) -> dict:
+    """Planned layers of one block, by name relative to the block."""
+    return {n[len(prefix) + 1:]: s for n, s in plan.quantized.items() if n.startswith(prefix + ".")}
 
 
 def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden, q_hidden, options, index,
@@ -72,7 +82,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     """Tune and pack one block; returns the next block's (float inputs, quantized inputs)."""
     compute, store = torch.float32, options.cache_dtype or fp_hidden.dtype
     batch = options.signround.batch_size
-    want_stats = bool(layers) and options.signround.iters == 0 and not options.disable_opt_rtn
+    want_stats = bool(layers) and options.wants_opt_rtn
     with ActivationStats(block, layers) if want_stats else contextlib.nullcontext() as act:
         targets = run_block(block, inputs, fp_hidden, batch, compute, store)
     if not layers:

@@ -60,21 +60,27 @@ def _asym_scale(low, high, mn, mx, maxq):
     return scale, zero, (both_zero, s16 >= MIN_SCALE_MAGNITUDE, wmin, (z_raw >= 0) & (z_raw <= maxq))
 
 
+def fake_quant_values(wg, low, high, v, mn, mx, bits: int, sym: bool):
+    """Grouped fake-quantised weight ``[out, n_groups, g]`` and what the backward needs (no autograd)."""
+    maxq = 2**bits - 1
+    if sym:
+        scale, zero, aux = _sym_scale(low, high, mn, mx, bits)
+    else:
+        scale, zero, aux = _asym_scale(low, high, mn, mx, maxq)
+    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
+    rz = (wg / s + v).round_() + z
+    inside = (rz >= 0) & (rz <= maxq)
+    q_minus_z = rz.clamp_(0, maxq).sub_(z)
+    return q_minus_z * s, (scale, zero, inside, q_minus_z, *aux)
+
+
 class FakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, wg, low, high, v, mn, mx, bits: int, sym: bool):
-        maxq = 2**bits - 1
-        if sym:
-            scale, zero, aux = _sym_scale(low, high, mn, mx, bits)
-        else:
-            scale, zero, aux = _asym_scale(low, high, mn, mx, maxq)
-        s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-        rz = (wg / s + v).round_() + z
-        inside = (rz >= 0) & (rz <= maxq)
-        q_minus_z = rz.clamp_(0, maxq).sub_(z)
-        ctx.save_for_backward(wg, low, high, scale, zero, inside, q_minus_z, *aux)
+        out, saved = fake_quant_values(wg, low, high, v, mn, mx, bits, sym)
+        ctx.save_for_backward(wg, low, high, *saved)
         ctx.bits, ctx.sym = bits, sym
-        return q_minus_z * s
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -23,9 +23,17 @@ class TuningOptions:
     seqlen: int = 2048
     enable_quanted_input: bool = True
     disable_opt_rtn: bool = False
+    init_opt_rtn: bool = False  # start SignRound's min/max scales from the optimised-RTN search
     cache_dtype: torch.dtype | None = None  # None: the model's dtype
     report: object = None  # a TuningReport to fill in (else a new one is returned)
     ignored: dict = field(default_factory=dict)
+
+    @property
+    def wants_opt_rtn(self) -> bool:
+        """Whether blocks need the optimised-RTN range search (iters 0 with data, or as SignRound's start)."""
+        if self.signround.iters == 0:
+            return not self.disable_opt_rtn
+        return self.init_opt_rtn
 
     def block_settings(self, block_index: int) -> SignRoundSettings:
         return replace(self.signround, seed=self.signround.seed + block_index)
@@ -48,6 +56,7 @@ class TuningOptions:
             signround=signround, nsamples=config.nsamples, seqlen=config.seqlen,
             enable_quanted_input=bool(kwargs.pop("enable_quanted_input", True)),
             disable_opt_rtn=bool(kwargs.pop("disable_opt_rtn", False)),
+            init_opt_rtn=bool(kwargs.pop("init_opt_rtn", False)),
             cache_dtype=_dtype(kwargs.pop("cache_dtype", None)),
             report=kwargs.pop("report", None), ignored=ignored,
         )
