@@ -119,3 +119,17 @@ def test_too_short_data_fails_before_tuning():
     with pytest.raises(ValueError, match="no calibration sample has seqlen=24"):
         quantize_model(model, config(), dataset=[torch.arange(10)], progress=False)
     assert not any(isinstance(m, QuantLinear) for m in model.modules())
+
+
+def test_model_quantize_from_the_transformers_quantizer(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    build_tiny_model("llama").save_pretrained(tmp_path / "float")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config(iters=3))
+    plan = model.quantize(dataset=calib(), progress=False)
+    assert plan.quantized and all(isinstance(model.get_submodule(n), QuantLinear) for n in plan.quantized)
+    model.save_pretrained(tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    layer = loaded.model.layers[1].mlp.up_proj
+    assert isinstance(layer, QuantLinear)
+    assert torch.equal(layer.qweight, model.model.layers[1].mlp.up_proj.qweight)
