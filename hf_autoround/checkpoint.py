@@ -30,10 +30,13 @@ def read_headers(files) -> dict[str, TensorInfo]:
         path = str(path)
         if not path.endswith(".safetensors"):
             raise ValueError(f"{path}: quantized checkpoints are read from safetensors only (no pickle is loaded)")
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():
-                sl = f.get_slice(key)
-                infos[key] = TensorInfo(tuple(sl.get_shape()), sl.get_dtype(), path)
+        try:
+            with safe_open(path, framework="pt") as f:
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    infos[key] = TensorInfo(tuple(sl.get_shape()), sl.get_dtype(), path)
+        except Exception as err:  # safetensors raises its own error type for truncated or garbled files
+            raise ValueError(f"{path}: not a readable safetensors file ({err})") from err
     return infos
 
 
@@ -53,6 +56,29 @@ def _check_g_idx(name: str, info: TensorInfo, in_features: int, group_len: int) 
     trivial = torch.arange(in_features, device="cpu") // group_len  # explicit: this runs under a meta device context
     _expect(torch.equal(g_idx.to(torch.int64), trivial),
             f"{name}: act-order (desc_act) group indices are not supported; expected i // {group_len}")
+
+
+def _find(infos: dict, key: str, prefix: str):
+    """The checkpoint entry for a model key, tolerating a saved base model (no ``prefix.``) or the reverse."""
+    for candidate in (key, key.removeprefix(prefix + "."), f"{prefix}.{key}"):
+        if candidate in infos:
+            return infos[candidate]
+    return None
+
+
+def validate_other_tensors(model, infos: dict[str, TensorInfo], quantized: set) -> None:
+    """Every other tensor the model expects is present (tied copies excepted), float where the model is float,
+    and of the model's shape: transformers would otherwise fill a missing one with random values."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    for key, tensor in model.state_dict().items():
+        if key.rsplit(".", 1)[0] in quantized or key in tied:
+            continue
+        info = _find(infos, key, prefix)
+        _expect(info is not None, f"{key} is missing from the checkpoint")
+        if tensor.is_floating_point():
+            _expect(info.dtype.startswith(("F", "BF")), f"{key}: dtype {info.dtype}, expected a float tensor")
+        _expect(info.shape == tuple(tensor.shape), f"{key}: shape {info.shape}, expected {tuple(tensor.shape)}")
 
 
 def validate_against_plan(plan: LayerPlan, infos: dict[str, TensorInfo], model) -> None:
@@ -89,3 +115,4 @@ def validate_against_plan(plan: LayerPlan, infos: dict[str, TensorInfo], model) 
                    and k[: -len(".qweight")] not in plan.quantized)
     _expect(not stray, f"{stray[0]}.qweight is in the checkpoint but the config does not quantize {stray[0]}"
             if stray else "")
+    validate_other_tensors(model, infos, set(plan.quantized))

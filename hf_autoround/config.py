@@ -158,7 +158,18 @@ class AutoRoundConfig(transformers.AutoRoundConfig):
     # -- (de)serialisation ------------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, config_dict, return_unused_kwargs=False, **kwargs):
-        return super().from_dict(foreign_to_native(config_dict), return_unused_kwargs=return_unused_kwargs, **kwargs)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"quantization_config must be a dict, got {type(config_dict).__name__}")
+        config_dict = dict(config_dict)
+        method = config_dict.setdefault("quant_method", "auto-round")
+        if not isinstance(method, str) or not any(m in method for m in ("auto-round", "gptq", "awq")):
+            raise ValueError(f"quant_method={method!r} cannot be read as AutoRound; expected 'auto-round', "
+                             f"'intel/auto-round', 'gptq' (v1) or 'awq' (gemm)")
+        try:
+            return super().from_dict(foreign_to_native(config_dict), return_unused_kwargs=return_unused_kwargs,
+                                     **kwargs)
+        except (TypeError, NotImplementedError) as err:
+            raise ValueError(f"quantization_config is invalid: {err}") from err
 
     @classmethod
     def coerce(cls, config) -> "AutoRoundConfig":

@@ -1,0 +1,76 @@
+"""Task accuracy of SmolLM2-135M: float vs RTN vs SignRound (W4G128 sym, W2G64 asym) on the local lm-eval tasks
+(lambada, piqa, hellaswag, arc_easy, arc_challenge, winogrande), seed-model-card style, with the average.
+
+Each quantised model is saved and evaluated from disk through lm-eval's own ``hf`` model. Prints a table and
+writes JSON. Usage: python benchmarks/accuracy.py [--limit 300] [--iters 200] [--nsamples 128] [--seqlen 512]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from hf_autoround import AutoRoundConfig  # noqa: E402
+from hf_autoround.eval.lm_eval_tasks import LOCAL_TASKS, evaluate, headline  # noqa: E402
+from hf_autoround.eval.report import EvalTable  # noqa: E402
+from hf_autoround.export import export_model  # noqa: E402
+from hf_autoround.models import bundled_float_dir, load_model  # noqa: E402
+from hf_autoround.quantize import quantize_model  # noqa: E402
+
+SCHEMES = {"W4G128": dict(bits=4, group_size=128, sym=True), "W2G64": dict(bits=2, group_size=64, sym=False)}
+
+
+def task_rows(results: dict) -> dict:
+    rows = {}
+    for task, metrics in results.items():
+        metrics = dict(metrics)
+        if "perplexity" in metrics and "acc" in metrics:
+            rows[f"{task} perplexity"] = metrics.pop("perplexity")
+        metric, value = headline(metrics)
+        rows[f"{task} {metric}"] = value
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--limit", type=int, default=300, help="examples per task (None = all)")
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--schemes", default="W4G128,W2G64")
+    ap.add_argument("--eval_bs", type=int, default=16)
+    ap.add_argument("--json", default="benchmarks/results/accuracy.json")
+    args = ap.parse_args()
+    tasks = ",".join(LOCAL_TASKS)
+    table, timings = EvalTable(), {}
+    table.add("float", task_rows(evaluate(bundled_float_dir(), tasks, args.eval_bs, args.limit)))
+    for scheme_name in args.schemes.split(","):
+        for method, iters in (("RTN", 0), ("SignRound", args.iters)):
+            model, tok = load_model("smollm2-135m")
+            config = AutoRoundConfig(iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                                     batch_size=args.batch_size, **SCHEMES[scheme_name])
+            start = time.perf_counter()
+            quantize_model(model, config, tokenizer=tok, progress=False)
+            timings[f"{method} {scheme_name}"] = time.perf_counter() - start
+            with tempfile.TemporaryDirectory() as tmp:
+                export_model(model, tok, os.path.join(tmp, "q"))
+                results = evaluate(os.path.join(tmp, "q"), tasks, args.eval_bs, args.limit)
+            table.add(f"{method} {scheme_name}", task_rows(results))
+    print(f"SmolLM2-135M, {args.limit} examples per task; SignRound iters {args.iters}, nsamples {args.nsamples}, "
+          f"seqlen {args.seqlen}")
+    print(table.markdown())
+    print("quantisation seconds:", {k: round(v, 1) for k, v in timings.items()})
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"settings": vars(args), "columns": table.columns, "rows": table.rows,
+                   "average": table.averages(), "quantize_seconds": timings}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
