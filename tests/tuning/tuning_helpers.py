@@ -1,6 +1,6 @@
 """Helpers for the tuning tests (imported by each module; not a conftest, so that `from conftest import ...`
 keeps meaning tests/conftest.py): one thread (tiny tensors; avoids OpenMP spinning on a shared CPU), a
-character-level tokenizer, and tiny models with calibration ids."""
+character-level tokenizer."""
 from __future__ import annotations
 
 import pytest
@@ -31,9 +31,3 @@ class CharTokenizer:
 @pytest.fixture
 def char_tokenizer():
     return CharTokenizer()
-
-
-@pytest.fixture
-def calib_ids():
-    torch.manual_seed(3)
-    return [torch.randint(1, 256, (32,)) for _ in range(8)]
