@@ -144,3 +144,23 @@ def test_tuned_grid_params_are_written_unchanged(tmp_path, float_llama):
     assert not torch.equal(got, grid.qdq(w, "q4_k"))
     with pytest.raises(ValueError, match="grid"):
         write_gguf(model, tokenizer, str(tmp_path / "u.gguf"), "q4_0", params=params)
+
+
+def test_qwen2_with_biases_and_untied_head(tmp_path, float_llama):
+    """No q/k permutation for Qwen2, attention biases written as F32, a separate output.weight (Q6_K)."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    _, tokenizer = float_llama
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=4096, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        model.model.layers[0].self_attn.q_proj.bias.normal_(0, 0.1)
+    tensors = write_gguf(model, tokenizer, str(tmp_path / "q.gguf"), "q4_k_m")
+    types = {t.gguf_name: t.qtype.name for t in tensors}
+    assert types["output.weight"] == "Q6_K" and types["blk.0.attn_q.bias"] == "F32"
+    loaded, _ = _load_gguf(str(tmp_path))
+    ids = torch.randint(0, 4096, (1, 16), generator=torch.Generator().manual_seed(0))
+    _assert_same_model(dequantized_float_model(model, tensors), loaded, ids)
