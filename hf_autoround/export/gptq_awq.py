@@ -72,10 +72,10 @@ def converted_state_dict(model, packing: str, with_g_idx: bool) -> dict:
             raise ValueError(f"{name}: packing {packing} cannot hold this layer ({reason})")
         if packing != "auto_round:auto_gptq" or qw.scheme.sym or int(qw.zeros.min()) > 0:
             packed = layout.pack(qw)
-        else:  # GPTQ v1 with a zero point of 0: store 0 (read back as 1), as other GPTQ writers do
+        else:  # GPTQ v1 cannot store a zero point of 0: it becomes 1 (that group's weights move down one step)
             packed = layout.pack(type(qw)(qw.codes, qw.scales, qw.zeros.clamp(min=1), qw.scheme))
-            logger.warning("%s: a zero point of 0 is stored as 1 in GPTQ v1 (weights in that group shift by "
-                           "one step)", name)
+            logger.warning("%s: a zero point of 0 is stored as 1 in GPTQ v1 (weights in that group move by one "
+                           "quantisation step); use format='auto_round' to keep them exact", name)
         for key, tensor in packed.items():
             state[f"{name}.{key}"] = tensor.contiguous()
         if with_g_idx:
