@@ -82,24 +82,33 @@ def test_tokenizer_round_trips(tmp_path, float_llama):
     assert theirs(text).input_ids == tokenizer(text).input_ids
 
 
-def test_quantized_model_exports_its_own_grid(tmp_path, float_llama):
-    """A W4 g32 sym model goes to Q4_0 with its codes and scales taken over: the GGUF weights equal the
-    in-memory QuantLinear's dequantised weights exactly, and the logits match."""
+@pytest.mark.parametrize("bits,sym,fmt", [(4, True, "q4_0"), (8, True, "q8_0"), (4, False, "q4_1"),
+                                          (4, False, "q4_k_m")])
+def test_quantized_model_exports_its_own_grid(tmp_path, float_llama, bits, sym, fmt):
+    """A QuantLinear model whose scheme is the type's grid has its codes and scales taken over: Q4_0 / Q8_0 equal
+    the in-memory QuantLinear weights exactly, Q4_1 up to the fp16 rounding of its min (-zero * scale); any other
+    type (Q4_K here) re-quantises the dequantised weights. The reader always gets what we say it gets."""
     import copy
 
     from hf_autoround.qdq import dequantize_weight
 
     model, tokenizer = float_llama
     qmodel = copy.deepcopy(model)
-    quantize_model(qmodel, AutoRoundConfig(bits=4, group_size=32, sym=True, iters=0), progress=False)
+    quantize_model(qmodel, AutoRoundConfig(bits=bits, group_size=32, sym=sym, iters=0), progress=False)
     out = str(tmp_path / "q")
-    export_model(qmodel, tokenizer, out, "gguf:q4_0")
+    export_model(qmodel, tokenizer, out, f"gguf:{fmt}")
     loaded, _ = _load_gguf(out)
     for name in ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"):
-        layer = qmodel.model.layers[1].get_submodule(name)
-        assert torch.equal(loaded.model.layers[1].get_submodule(name).weight, dequantize_weight(layer.unpack()))
+        ours = dequantize_weight(qmodel.model.layers[1].get_submodule(name).unpack())
+        theirs = loaded.model.layers[1].get_submodule(name).weight
+        if fmt in ("q4_0", "q8_0"):
+            assert torch.equal(theirs, ours)
+        elif fmt == "q4_1":
+            assert torch.allclose(theirs, ours, rtol=0, atol=ours.abs().max().item() * 2**-10)
+        else:
+            assert not torch.equal(theirs, ours)
     ids = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
-    expected = dequantized_float_model(qmodel, quantize_model_tensors(qmodel, "q4_0"))
+    expected = dequantized_float_model(qmodel, quantize_model_tensors(qmodel, fmt))
     _assert_same_model(expected, loaded, ids)
 
 
