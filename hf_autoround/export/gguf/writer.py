@@ -139,7 +139,7 @@ def quantize_model_tensors(model, fmt: str, params: dict | None = None) -> list[
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     names = gguf.get_tensor_name_map(spec.arch, n_layers)
-    out = []
+    out, requantized = [], {}
     for key, source in source_tensors(model).items():
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -155,8 +155,13 @@ def quantize_model_tensors(model, fmt: str, params: dict | None = None) -> list[
             if given_type != qtype:
                 raise ValueError(f"{key}: tuned on the {given_type.name} grid, but format {fmt} stores it as "
                                  f"{qtype.name}")
+        if given is None and hasattr(source, "unpack") and direct_params(source, qtype) is None:
+            requantized.setdefault((source.spec.scheme.describe(), qtype.name), []).append(key)
         data, deq = quantize_tensor(source, qtype, perm, None if given is None else given[1])
         out.append(GGUFTensor(key, gguf_name, qtype, data, deq))
+    for (scheme, qtype), keys in requantized.items():
+        logger.warning("GGUF %s: %d %s layers re-quantised to %s (their tuned rounding is not kept; quantise on "
+                       "the GGUF grid to keep it, see hf_autoround.export.gguf.grid)", fmt, len(keys), scheme, qtype)
     return out
 
 
