@@ -96,11 +96,12 @@ BACKENDS: tuple[BackendSpec, ...] = (
         sym=BOTH,
         packing_formats=ANY,
         dtypes=FLOAT_DTYPES,
-        priority=60,
+        priority=45,
         kernel="hf_autoround.backends.native:W4A8Kernel",
         requires=("native::w4a8",),
         shape_rule=w4a8_unfit,
-        note="our AVX2 kernel: 4-bit codes x int8 activations (per 32 inputs), compiled on first use",
+        note="our AVX2 kernel: 4-bit codes x int8 activations (per 32 inputs), compiled on first use; opt-in "
+             "(backend='cpu_w4a8') until it is measured faster end to end on a quiet machine",
     ),
     BackendSpec(
         name="cpu_int8",

@@ -8,7 +8,7 @@ from hf_autoround.backends import BACKENDS, available_backends, select_backend
 from hf_autoround.scheme import QuantScheme
 
 ALL = frozenset(b.name for b in BACKENDS)
-CPU_ALL = ALL - {"ipex", "cpu_w4a8"}
+CPU_ALL = ALL - {"ipex"}
 FMT = "auto_round:auto_gptq"
 
 
@@ -51,9 +51,10 @@ def test_forced_errors_name_the_reason_and_alternatives():
     assert pick(forced="torch") == "torch" and pick(forced="auto", available=CPU_ALL) == "cpu_int4"
 
 
-def test_native_kernel_preferred_when_built():
-    assert pick(available=ALL - {"ipex"}) == "cpu_w4a8"
-    assert pick(bits=8, available=ALL - {"ipex"}) == "cpu_int8"
+def test_native_kernel_is_opt_in():
+    assert pick(available=ALL - {"ipex"}) == "cpu_int4"
+    assert pick(available=ALL - {"ipex", "cpu_int4"}) == "cpu_w4a8"
+    assert pick(forced="cpu_w4a8") == "cpu_w4a8"
 
 
 def test_this_machine_has_the_cpu_kernels():

@@ -74,26 +74,65 @@ static void rows_kernel(const uint8_t *wq, const float *scale, const float *szer
     const __m256i ones = _mm256_set1_epi16(1);
     int64_t n = n0;
     for (; n + ROWS <= n1; n += ROWS) {
-        for (int64_t m = 0; m < M; m++) {
+        int64_t m = 0;
+        for (; m + 2 <= M; m += 2) { /* two activation rows share every unpacked weight block */
+            const int8_t *xq0 = xq + m * K, *xq1 = xq + (m + 1) * K;
+            const float *xs0 = xs + m * nb, *xs1 = xs + (m + 1) * nb;
+            __m256 acc0[ROWS], acc1[ROWS];
+            float corr0[ROWS], corr1[ROWS];
+            for (int r = 0; r < ROWS; r++) {
+                acc0[r] = acc1[r] = _mm256_setzero_ps();
+                corr0[r] = corr1[r] = 0.f;
+            }
+            for (int64_t g = 0; g < G; g++) {
+                __m256 ga0[ROWS], ga1[ROWS];
+                for (int r = 0; r < ROWS; r++) ga0[r] = ga1[r] = _mm256_setzero_ps();
+                for (int64_t b = g * gb; b < (g + 1) * gb; b++) {
+                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq0 + b * BLOCK));
+                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq1 + b * BLOCK));
+                    const __m256 d0 = _mm256_set1_ps(xs0[b]), d1 = _mm256_set1_ps(xs1[b]);
+                    for (int r = 0; r < ROWS; r++) {
+                        const __m256i wv = unpack_block(wq + (n + r) * row_bytes + b * (BLOCK / 2), low_mask);
+                        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x0), ones);
+                        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x1), ones);
+                        ga0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, ga0[r]);
+                        ga1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, ga1[r]);
+                    }
+                }
+                for (int r = 0; r < ROWS; r++) {
+                    const float sg = scale[(n + r) * G + g], zg = szero[(n + r) * G + g];
+                    acc0[r] = _mm256_fmadd_ps(ga0[r], _mm256_set1_ps(sg), acc0[r]);
+                    acc1[r] = _mm256_fmadd_ps(ga1[r], _mm256_set1_ps(sg), acc1[r]);
+                    corr0[r] += zg * xsum[m * G + g];
+                    corr1[r] += zg * xsum[(m + 1) * G + g];
+                }
+            }
+            for (int r = 0; r < ROWS; r++) {
+                y[m * N + n + r] = hsum(acc0[r]) - corr0[r];
+                y[(m + 1) * N + n + r] = hsum(acc1[r]) - corr1[r];
+            }
+        }
+        for (; m < M; m++) {
             const int8_t *xqm = xq + m * K;
             const float *xsm = xs + m * nb;
             __m256 acc[ROWS];
             float corr[ROWS];
             for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.f; }
             for (int64_t g = 0; g < G; g++) {
-                float sg[ROWS];
-                for (int r = 0; r < ROWS; r++) {
-                    sg[r] = scale[(n + r) * G + g];
-                    corr[r] += szero[(n + r) * G + g] * xsum[m * G + g];
-                }
+                __m256 ga[ROWS];
+                for (int r = 0; r < ROWS; r++) ga[r] = _mm256_setzero_ps();
                 for (int64_t b = g * gb; b < (g + 1) * gb; b++) {
                     const __m256i xv = _mm256_loadu_si256((const __m256i *)(xqm + b * BLOCK));
-                    const float xb = xsm[b];
+                    const __m256 d = _mm256_set1_ps(xsm[b]);
                     for (int r = 0; r < ROWS; r++) {
                         const __m256i wv = unpack_block(wq + (n + r) * row_bytes + b * (BLOCK / 2), low_mask);
                         const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xb * sg[r]), acc[r]);
+                        ga[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, ga[r]);
                     }
+                }
+                for (int r = 0; r < ROWS; r++) {
+                    acc[r] = _mm256_fmadd_ps(ga[r], _mm256_set1_ps(scale[(n + r) * G + g]), acc[r]);
+                    corr[r] += szero[(n + r) * G + g] * xsum[m * G + g];
                 }
             }
             for (int r = 0; r < ROWS; r++) y[m * N + n + r] = hsum(acc[r]) - corr[r];
