@@ -43,10 +43,10 @@ SHAPES = [(2048, 2048), (2048, 8192), (4096, 4096), (4096, 14336), (14336, 4096)
 BATCHES = [1, 8, 128]
 SCHEMES = {"W4G128": QuantScheme(4, 128, True), "W8G128": QuantScheme(8, 128, True), "W2G64": QuantScheme(2, 64, True)}
 # (label, scheme, forced backend or None = what "auto" picks)
-LAYER_KERNELS = [("W4G128", SCHEMES["W4G128"], None), ("W4G128", SCHEMES["W4G128"], "cpu_int4"),
+LAYER_KERNELS = [("W4G128", SCHEMES["W4G128"], None), ("W4G128", SCHEMES["W4G128"], "cpu_w4a8"),
                  ("W8G128", SCHEMES["W8G128"], None), ("W8PC", QuantScheme(8, -1, True), None),
                  ("W2G64", SCHEMES["W2G64"], None)]
-DECODE_VARIANTS = [("W4G128", SCHEMES["W4G128"], None), ("W4G128", SCHEMES["W4G128"], "cpu_int4"),
+DECODE_VARIANTS = [("W4G128", SCHEMES["W4G128"], None), ("W4G128", SCHEMES["W4G128"], "cpu_w4a8"),
                    ("W8G128", SCHEMES["W8G128"], None), ("W2G64", SCHEMES["W2G64"], None)]
 GIB = 1 << 30
 
