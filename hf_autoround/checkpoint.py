@@ -116,3 +116,18 @@ def validate_against_plan(plan: LayerPlan, infos: dict[str, TensorInfo], model) 
     _expect(not stray, f"{stray[0]}.qweight is in the checkpoint but the config does not quantize {stray[0]}"
             if stray else "")
     validate_other_tensors(model, infos, set(plan.quantized))
+
+
+def validate_loaded_zero_points(model) -> None:
+    """After loading: a layer the config calls symmetric must hold the symmetric zero point everywhere. The tensor
+    shapes cannot tell sym from asym (both store qzeros), and fast kernels trust the scheme."""
+    from .quant_linear import QuantLinear
+
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear) and module.spec.scheme.sym:
+            zeros = module.unpack().zeros
+            expected = 2 ** (module.spec.scheme.bits - 1)
+            _expect(bool((zeros == expected).all()),
+                    f"{name}.qzeros: the config says sym=True but the zero points are not all {expected} "
+                    f"(found {int(zeros.min())}..{int(zeros.max())}); the checkpoint is asymmetric or its "
+                    f"packing_format is not {module.spec.packing_format}")

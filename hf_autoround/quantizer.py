@@ -51,7 +51,9 @@ class AutoRoundHfQuantizer(HfQuantizer):
     def _process_model_after_weight_loading(self, model, **kwargs):
         if self.pre_quantized:
             from .backends import attach_kernels
+            from .checkpoint import validate_loaded_zero_points
 
+            validate_loaded_zero_points(model)
             attach_kernels(model, forced=self.quantization_config.backend, dtype=model.dtype)
         else:
             model.quantize = types.MethodType(_quantize_method, model)

@@ -116,3 +116,18 @@ def test_trivial_g_idx_is_accepted(good_dir, tmp_path):
 
     _edit_tensors(path, add_g_idx)
     AutoModelForCausalLM.from_pretrained(path)
+
+
+def test_asymmetric_tensors_under_a_symmetric_config_are_refused(tmp_path):
+    build_tiny_model("llama").save_pretrained(tmp_path / "f")
+    quantize_dir(tmp_path / "f", tmp_path / "q", bits=4, group_size=32, sym=False)
+    _edit_config(tmp_path / "q", sym=True)
+    with pytest.raises(ValueError, match="config says sym=True but the zero points"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+
+
+def test_gptq_v1_sym_checkpoint_read_as_raw_zero_points_is_refused(good_dir, tmp_path):
+    path = _copy(good_dir, tmp_path)
+    _edit_config(path, packing_format="auto_round")  # stored 7s would read as zero point 7, not 8
+    with pytest.raises(ValueError, match="zero points are not all 8"):
+        AutoModelForCausalLM.from_pretrained(path)
