@@ -10,7 +10,7 @@ name                device  bits      what runs
 =================== ======= ========= =============================================================================
 ipex                cpu/xpu 4         gptqmodel's IPEX layer, only when intel-extension-for-pytorch imports
 cpu_int4            cpu     2, 3, 4   torch's ``_weight_int4pack_mm_for_cpu`` (bf16 activations inside)
-cpu_w4a8            cpu     2, 3, 4   our AVX2 kernel (``csrc/w4a8_avx2.c``, compiled on first use): 4-bit codes x
+cpu_w4a8            cpu     2, 3, 4   our AVX2 kernel (``kernels/w4a8_avx2.c``, compiled on first use): 4-bit codes x
                                       int8 activations quantised per 32 inputs; unavailable without gcc/AVX2;
                                       below cpu_int4 for now (opt-in: end-to-end timings were not yet conclusive)
 cpu_int8            cpu     8         ``_weight_int8pack_mm`` per channel; two int4-op passes when grouped

@@ -1,6 +1,6 @@
 """``cpu_w4a8``: our own CPU kernel — 4-bit weights (any of our 2/3/4-bit schemes, mapped to 0..15 codes as for
 the int4 op), activations quantised on the fly to int8 per block of 32 (like llama.cpp's Q8_0), integer dot
-products with AVX2 ``maddubs`` and float accumulation per block (``csrc/w4a8_avx2.c``).
+products with AVX2 ``maddubs`` and float accumulation per block (``kernels/w4a8_avx2.c``).
 
 The C source is compiled on first use with the system C compiler into the cache folder
 (``$HF_AUTOROUND_CACHE/kernels``, default ``~/.cache/hf_autoround/kernels``) and loaded with ctypes; ctypes releases
@@ -28,7 +28,16 @@ from .cpu_aten import _group_views, int4_op_unfit
 
 logger = logging.getLogger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "w4a8_avx2.c")
+def _source_path(name: str = "w4a8_avx2.c") -> str:
+    """The kernel source: inside the package in a wheel install, in the checkout's kernels/ when editable."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (os.path.join(here, "csrc", name), os.path.join(here, "..", "..", "kernels", name)):
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    return os.path.join(here, "csrc", name)
+
+
+SOURCE = _source_path()
 BLOCK = 32
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 
