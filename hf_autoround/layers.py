@@ -55,10 +55,12 @@ def _in_blocks(name: str, block_names: list[str]) -> bool:
 
 
 def _lm_head_is_tied(model: nn.Module) -> bool:
+    """Tied when the config says so or when the lm_head and the input embeddings share one weight tensor."""
+    if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return True
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    return out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight or bool(
-        getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    return out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
 
 
 def _scheme_outside_blocks(model, name, module, config) -> QuantScheme | None:

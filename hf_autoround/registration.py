@@ -19,10 +19,3 @@ def register() -> None:
         auto.AUTO_QUANTIZATION_CONFIG_MAPPING[name] = AutoRoundConfig
         auto.AUTO_QUANTIZER_MAPPING[name] = AutoRoundHfQuantizer
 
-
-def is_registered() -> bool:
-    from transformers.quantizers import auto
-
-    from .quantizer import AutoRoundHfQuantizer
-
-    return all(auto.AUTO_QUANTIZER_MAPPING.get(n) is AutoRoundHfQuantizer for n in _NAMES)

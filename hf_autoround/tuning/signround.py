@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..convert import set_submodule
 from ..scheme import QuantScheme
 from .cache import BlockInputs, forward_block
 from .fakequant import GroupedWeight, fake_quant
@@ -97,17 +98,12 @@ def wrapped(block: nn.Module, layers: dict[str, QuantScheme], params: dict[str, 
     """Swap the block's planned linears for QdqLinear while inside the context; restore them afterwards."""
     originals = {name: block.get_submodule(name) for name in layers}
     for name, linear in originals.items():
-        _set(block, name, QdqLinear(linear, layers[name], params[name]))
+        set_submodule(block, name, QdqLinear(linear, layers[name], params[name]))
     try:
         yield
     finally:
         for name, linear in originals.items():
-            _set(block, name, linear)
-
-
-def _set(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
+            set_submodule(block, name, linear)
 
 
 class BatchSampler:
