@@ -131,10 +131,10 @@ class AutoRound:
     def quantize_and_save(self, output_dir: str, format: str = "auto_round", overwrite: bool = False):
         """Quantise (packing as the first format asks, when it names a packing) and save; returns
         ``(model, [directories])``."""
-        from .export import check_output_dir, parse_formats
+        from .export import parse_formats
 
-        names = parse_formats(format)
-        check_output_dir(output_dir, overwrite)  # fail before minutes of tuning, not after
+        # unknown names, formats that cannot hold the scheme, non-empty targets: all fail before any tuning
+        names = parse_formats(format, scheme=self.config, output_dir=output_dir, overwrite=overwrite)
         first = names[0]
         if first != "auto_round" and first in KNOWN_FORMATS and self.config.packing_format is None:
             self.config.packing_format = first

@@ -88,7 +88,7 @@ def parse_args(argv=None):
         if config is not None:
             from .export import parse_formats
 
-            parse_formats(args.format)
+            parse_formats(args.format, scheme=config, output_dir=args.output_dir, overwrite=args.overwrite)
     except ValueError as err:
         parser.error(str(err))
     return args, config

@@ -40,7 +40,7 @@ def _dtype(name: str):
 
 
 def run_job(args, config) -> EvalTable:
-    from .export import check_output_dir, export_model
+    from .export import export_model
     from .models import load_model
     from .quantize import quantize_model
 
@@ -50,7 +50,6 @@ def run_job(args, config) -> EvalTable:
         table.add(os.path.basename(os.path.normpath(args.model)), evaluate(model, tokenizer, args))
         print(table.markdown())
         return table
-    check_output_dir(args.output_dir, args.overwrite)  # fail before minutes of work, not after
     model, tokenizer = load_model(args.model, _dtype(args.model_dtype))
     if not args.disable_eval:
         table.add("float", evaluate(model, tokenizer, args))

@@ -61,8 +61,15 @@ def test_bad_values_are_refused_before_loading(argv, needle, capsys):
 
 def test_non_empty_output_dir_is_refused_before_loading(tmp_path, capsys):
     (tmp_path / "keep.txt").write_text("x")
-    with pytest.raises(ValueError, match="exists and is not empty"):
+    with pytest.raises(SystemExit):
         main(["--model", "/nonexistent/model", "--output_dir", str(tmp_path), "--recipe", "rtn"])
+    assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_format_that_cannot_hold_the_scheme_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--bits", "2", "--format", "auto_awq"])
+    assert "auto_awq" in capsys.readouterr().err
 
 
 def test_help_lists_every_flag_with_its_default(capsys):
