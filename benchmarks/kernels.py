@@ -267,6 +267,12 @@ def bench_decode(models, n_tokens, log):
 def print_layer_table(rows, bandwidth, log):
     log(f"\nPer layer: median us / effective GB/s / % of the {bandwidth:.1f} GB/s measured DRAM bandwidth "
         "(bytes = weight data the kernel reads)")
+    _layer_grid(rows, bandwidth, log, "us", "gbps")
+    log("\nSame, fastest call instead of the median (us / GB/s / % of bandwidth)")
+    _layer_grid(rows, bandwidth, log, "best_us", "best_gbps")
+
+
+def _layer_grid(rows, bandwidth, log, us_key, gbps_key):
     kernels = list(dict.fromkeys(r["kernel"] for r in rows))
     log("| shape (in x out) | M | " + " | ".join(kernels) + " |")
     log("|---|---|" + "---|" * len(kernels))
@@ -275,17 +281,7 @@ def print_layer_table(rows, bandwidth, log):
             cells = []
             for k in kernels:
                 r = next((r for r in rows if r["shape"] == shape and r["batch"] == m and r["kernel"] == k), None)
-                cells.append(f"{r['us']:.0f} / {r['gbps']:.1f} / {100 * r['gbps'] / bandwidth:.0f}%" if r else "")
-            log(f"| {shape} | {m} | " + " | ".join(cells) + " |")
-    log("\nSame, fastest call instead of the median (us / GB/s / % of bandwidth)")
-    log("| shape (in x out) | M | " + " | ".join(kernels) + " |")
-    log("|---|---|" + "---|" * len(kernels))
-    for shape in dict.fromkeys(r["shape"] for r in rows):
-        for m in dict.fromkeys(r["batch"] for r in rows):
-            cells = []
-            for k in kernels:
-                r = next((r for r in rows if r["shape"] == shape and r["batch"] == m and r["kernel"] == k), None)
-                cells.append(f"{r['best_us']:.0f} / {r['best_gbps']:.1f} / {100 * r['best_gbps'] / bandwidth:.0f}%"
+                cells.append(f"{r[us_key]:.0f} / {r[gbps_key]:.1f} / {100 * r[gbps_key] / bandwidth:.0f}%"
                              if r else "")
             log(f"| {shape} | {m} | " + " | ".join(cells) + " |")
 

@@ -64,7 +64,10 @@ def run_job(args, config) -> EvalTable:
     first = next(iter(targets.values()))
     reloaded = _reload(first)
     files = write_report(build_report(plan, tuning, reloaded, seconds), first)
-    if not args.disable_eval:
+    if not args.disable_eval and reloaded is None:
+        logger.warning("not evaluating: %s is not a folder transformers loads directly; put a transformers "
+                       "format first in --format to evaluate", first)
+    elif not args.disable_eval:
         table.add(config.scheme.describe(), evaluate(reloaded, tokenizer, args, path=first))
         table.save(first, figures=[f for f in files if f.endswith(".png")])
         print(table.markdown())

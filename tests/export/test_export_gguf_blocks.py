@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from gguf_test_helpers import one_thread  # noqa: F401 (autouse fixture)
 from gguf.quants import dequantize as gguf_dequantize
 
 from hf_autoround.export.gguf import mixes
@@ -14,14 +15,6 @@ MAX_REL_RMSE = {"Q4_0": 0.12, "Q4_1": 0.1, "Q5_0": 0.06, "Q5_1": 0.05, "Q8_0": 0
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Block quantisation is many small elementwise ops: on a shared 2-core machine intra-op threads only
-    contend (10x slower measured); one thread keeps these tests fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _weights(rows=6, cols=512, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from gguf_test_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from conftest import FIXTURES
 
@@ -21,14 +22,6 @@ FORMATS = ["q4_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "q3_k
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Block quantisation is many small elementwise ops: on a shared 2-core machine intra-op threads only
-    contend (10x slower measured); one thread keeps these tests fast."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 @pytest.fixture(scope="module")
 def float_llama():
