@@ -50,6 +50,7 @@ def main():
     tasks = ",".join(LOCAL_TASKS)
     table, timings = EvalTable(), {}
     table.add("float", task_rows(evaluate(bundled_float_dir(), tasks, args.eval_bs, args.limit)))
+    save(args, table, timings)
     for scheme_name in args.schemes.split(","):
         for method, iters in (("RTN", 0), ("SignRound", args.iters)):
             model, tok = load_model("smollm2-135m")
@@ -62,14 +63,20 @@ def main():
                 export_model(model, tok, os.path.join(tmp, "q"))
                 results = evaluate(os.path.join(tmp, "q"), tasks, args.eval_bs, args.limit)
             table.add(f"{method} {scheme_name}", task_rows(results))
+            save(args, table, timings)
     print(f"SmolLM2-135M, {args.limit} examples per task; SignRound iters {args.iters}, nsamples {args.nsamples}, "
           f"seqlen {args.seqlen}")
     print(table.markdown())
     print("quantisation seconds:", {k: round(v, 1) for k, v in timings.items()})
+
+
+def save(args, table: EvalTable, timings: dict) -> None:
+    """Written after every model, so that a long run that dies keeps what it measured."""
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"settings": vars(args), "columns": table.columns, "rows": table.rows,
                    "average": table.averages(), "quantize_seconds": timings}, f, indent=2)
+    print(table.markdown(), flush=True)
 
 
 if __name__ == "__main__":

@@ -101,8 +101,10 @@ class AutoRound:
     def quantized(self) -> bool:
         return self.plan is not None
 
-    def quantize(self):
-        """Quantise the model in place; returns ``(model, layer_config)`` (layer name -> scheme of each layer)."""
+    def quantize(self, gguf_format: str | None = None):
+        """Quantise the model in place; returns ``(model, layer_config)`` (layer name -> scheme of each layer).
+        ``gguf_format`` (e.g. "gguf:q4_k_m"): tune on that file's own grids (``quantize_and_save`` with that single
+        format does this); the model can then be saved in that format only."""
         from .quantize import quantize_model
         from .tuning import TuningReport
 
@@ -114,7 +116,7 @@ class AutoRound:
         if not uses_data and self.settings.tuning:
             logger.info("iters=0 without a dataset: plain RTN; ignoring %s", sorted(self.settings.tuning))
         self.plan = quantize_model(self.model, self.config, tokenizer=self.tokenizer, dataset=self.settings.dataset,
-                                   progress=self.progress, **kwargs)
+                                   progress=self.progress, gguf_format=gguf_format, **kwargs)
         layer_config = {name: {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
                         for name, s in self.plan.quantized.items()}
         return self.model, layer_config
@@ -130,14 +132,15 @@ class AutoRound:
 
     def quantize_and_save(self, output_dir: str, format: str = "auto_round", overwrite: bool = False):
         """Quantise (packing as the first format asks, when it names a packing) and save; returns
-        ``(model, [directories])``."""
-        from .export import parse_formats
+        ``(model, [directories])``. A single quantised GGUF format (``gguf:q4_k_m``) is tuned on that file's
+        own grids (the integer scheme is then not used)."""
+        from .export import grid_target, parse_formats
 
         # unknown names, formats that cannot hold the scheme, non-empty targets: all fail before any tuning
         names = parse_formats(format, scheme=self.config, output_dir=output_dir, overwrite=overwrite)
         first = names[0]
         if first != "auto_round" and first in KNOWN_FORMATS and self.config.packing_format is None:
             self.config.packing_format = first
-        self.quantize()
+        self.quantize(gguf_format=grid_target(names))
         written = self.save_quantized(output_dir, format, overwrite=overwrite)
         return self.model, list(written.values())

@@ -40,7 +40,7 @@ def _dtype(name: str):
 
 
 def run_job(args, config) -> EvalTable:
-    from .export import export_model
+    from .export import export_model, grid_target
     from .models import load_model
     from .quantize import quantize_model
 
@@ -57,7 +57,8 @@ def run_job(args, config) -> EvalTable:
     tuning = TuningReport()
     uses_data = config.iters > 0 or args.dataset is not None
     plan = quantize_model(model.to(args.device), config, tokenizer=tokenizer, dataset=args.dataset,
-                          progress=not args.quiet, **({"report": tuning} if uses_data else {}))
+                          progress=not args.quiet, gguf_format=grid_target(args.format),
+                          **({"report": tuning} if uses_data else {}))
     seconds = time.perf_counter() - start
     logger.info("quantisation took %.1f s", seconds)
     targets = export_model(model.cpu(), tokenizer, args.output_dir, args.format, overwrite=args.overwrite)

@@ -49,6 +49,22 @@ def mark_quantized(model: nn.Module, config: AutoRoundConfig) -> None:
     model.hf_quantizer.quantization_config = config
 
 
+def _quantize_on_gguf_grid(model, plan: LayerPlan, config, fmt, tokenizer, dataset, progress, tuning_kwargs):
+    from .tuning import tune_model
+    from .tuning.gguf_target import GgufTuning
+
+    in_blocks = [n for n in plan.quantized if any(n.startswith(b + ".") for b in plan.block_names)]
+    tuning = GgufTuning.plan(model, fmt, in_blocks)
+    if config.iters == 0 and dataset is None:
+        for name in tqdm(tuning.types, desc=f"RTN on {fmt}", unit="layer", disable=not progress):
+            linear = model.get_submodule(name)
+            tuning.store(linear, name, tuning.grid(name, linear.weight), None)
+    else:
+        tune_model(model, plan, config, tokenizer=tokenizer, dataset=dataset, progress=progress, gguf=tuning,
+                   **tuning_kwargs)
+    model.gguf_tuning = tuning
+
+
 def attach_default_kernels(model: nn.Module, config: AutoRoundConfig) -> None:
     """The in-memory quantised model runs on the same kernels it would get when reloaded from disk."""
     from .backends import attach_kernels
@@ -57,14 +73,21 @@ def attach_default_kernels(model: nn.Module, config: AutoRoundConfig) -> None:
 
 
 def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, dataset=None, progress: bool = True,
-                   on_nonfinite: str = "raise", **tuning_kwargs) -> LayerPlan:
+                   on_nonfinite: str = "raise", gguf_format: str | None = None, **tuning_kwargs) -> LayerPlan:
     """Quantise ``model`` in place according to ``config``; returns the layer plan that was carried out.
-    ``on_nonfinite``: "raise" or "keep_float" for layers with NaN/Inf weights or a float16-overflowing range."""
+    ``on_nonfinite``: "raise" or "keep_float" for layers with NaN/Inf weights or a float16-overflowing range.
+    ``gguf_format`` (e.g. "gguf:q4_k_m"): tune on that GGUF file's own grids instead of the integer scheme; the
+    model stays float (holding the file's values) and can then be exported in that format only."""
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("this model is already quantized")
     start = time.perf_counter()
     plan = plan_layers(model, config)
     apply_nonfinite_policy(model, plan, on_nonfinite)
+    if gguf_format is not None:
+        _quantize_on_gguf_grid(model, plan, config, gguf_format, tokenizer, dataset, progress, tuning_kwargs)
+        logger.info("tuned %d layers on the %s grids in %.1f s", len(model.gguf_tuning.types), gguf_format,
+                    time.perf_counter() - start)
+        return plan
     plan.log("quantizing")
     if config.iters == 0 and dataset is None:
         rtn_quantize(model, plan, progress)

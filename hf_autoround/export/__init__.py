@@ -33,21 +33,33 @@ def parse_formats(formats: str | list[str], scheme=None, output_dir: str | None 
     if len(set(names)) != len(names):
         raise ValueError(f"format={formats!r} names a format twice")
     scheme = getattr(scheme, "scheme", scheme)
+    on_grid = grid_target(names) is not None  # tuning will use the file's own grids
     for name in names:
         writer_for(name)  # raises on an unknown name before anything is written
-        check_scheme(name, scheme)
+        check_scheme(name, scheme, on_grid)
     if output_dir is not None:
         for target in target_dirs(output_dir, names).values():
             check_output_dir(target, overwrite)
     return names
 
 
-def check_scheme(name: str, scheme) -> None:
+def grid_target(formats: str | list[str]) -> str | None:
+    """The GGUF format whose grids tuning optimises: the only format asked for, when it stores quantised
+    weights (``gguf:q4_k_m``); None otherwise (integer tuning; a GGUF file among several formats re-quantises)."""
+    from . import gguf as gguf_export
+
+    names = [f.strip() for f in (formats.split(",") if isinstance(formats, str) else formats) if f.strip()]
+    if len(names) != 1 or not names[0].startswith(gguf_export.PREFIX):
+        return None
+    return names[0] if gguf_export.stores_quantized(names[0]) else None
+
+
+def check_scheme(name: str, scheme, on_grid: bool = False) -> None:
     from . import gguf as gguf_export
     from . import gptq_awq
 
     if name.startswith(gguf_export.PREFIX):
-        gguf_export.check_scheme(name, scheme)
+        gguf_export.check_scheme(name, scheme, on_grid)
     else:
         gptq_awq.check_scheme(name, scheme)
 
@@ -109,7 +121,10 @@ def export_model(model, tokenizer, output_dir: str, formats="auto_round", overwr
     targets = target_dirs(output_dir, names)
     for target in targets.values():
         check_output_dir(target, overwrite)
+    tuned_on = getattr(model, "gguf_tuning", None)
     for name in names:  # every format's own checks first: nothing is written unless all can be
+        if tuned_on is not None:
+            tuned_on.check_format(name)
         preflight(model, tokenizer, name)
     for name, target in targets.items():
         with atomic_directory(target, overwrite) as tmp:

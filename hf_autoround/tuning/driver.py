@@ -41,7 +41,8 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
     finally:
         bar.close()
         model.train(was_training)
-    _rtn_outside_blocks(model, plan)
+    if options.gguf is None:  # on a GGUF grid the writer quantises what lies outside the blocks
+        _rtn_outside_blocks(model, plan)
     report.finish()
     logger.info(report.summary())
     if progress:
@@ -82,6 +83,8 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     """Tune and pack one block; returns the next block's (float inputs, quantized inputs)."""
     compute, store = torch.float32, options.cache_dtype or fp_hidden.dtype
     batch = options.signround.batch_size
+    if options.gguf is not None:
+        layers = _grid_targets(block, prefix, layers, options.gguf)
     want_stats = bool(layers) and options.wants_opt_rtn
     with ActivationStats(block, layers) if want_stats else contextlib.nullcontext() as act:
         targets = run_block(block, inputs, fp_hidden, batch, compute, store)
@@ -96,7 +99,10 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     with wrapped(block, layers, result.params):
         q_out = run_block(block, inputs, tuned_on, batch, compute, store)
     stats.output_mse = float(block_loss(q_out, targets, inputs.token_mask))
-    _pack_block(model, block, prefix, layers, result.params, packing_format)
+    if options.gguf is not None:
+        _store_grid_block(block, prefix, layers, result.params, options.gguf)
+    else:
+        _pack_block(model, block, prefix, layers, result.params, packing_format)
     return targets, (q_out if options.enable_quanted_input else targets)
 
 
@@ -108,6 +114,17 @@ def _pack_block(model, block, prefix, layers, params: dict[str, LayerParams], pa
         weight = block.get_submodule(name).weight
         qw = quantize_weight(weight, scheme, v=p.v, min_scale=p.min_scale, max_scale=p.max_scale)
         pack_layer(model, f"{prefix}.{name}", qw, packing_format)
+
+
+def _grid_targets(block, prefix, layers, gguf) -> dict:
+    """The GGUF grid of each planned layer the file stores quantised (the others stay float)."""
+    grids = {n: gguf.grid(f"{prefix}.{n}", block.get_submodule(n).weight) for n in layers}
+    return {n: g for n, g in grids.items() if g is not None}
+
+
+def _store_grid_block(block, prefix, grids, params: dict[str, LayerParams], gguf) -> None:
+    for name, grid in grids.items():
+        gguf.store(block.get_submodule(name), f"{prefix}.{name}", grid, params[name].v)
 
 
 @torch.no_grad()

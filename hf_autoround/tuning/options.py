@@ -26,11 +26,15 @@ class TuningOptions:
     init_opt_rtn: bool = False  # start SignRound's min/max scales from the optimised-RTN search
     cache_dtype: torch.dtype | None = None  # None: the model's dtype
     report: object = None  # a TuningReport to fill in (else a new one is returned)
+    gguf: object = None  # a GgufTuning: tune on a GGUF file's grids instead of the integer scheme
     ignored: dict = field(default_factory=dict)
 
     @property
     def wants_opt_rtn(self) -> bool:
-        """Whether blocks need the optimised-RTN range search (iters 0 with data, or as SignRound's start)."""
+        """Whether blocks need the optimised-RTN range search (iters 0 with data, or as SignRound's start; never
+        on a GGUF grid, whose own search fixes the scales)."""
+        if self.gguf is not None:
+            return False
         if self.signround.iters == 0:
             return not self.disable_opt_rtn
         return self.init_opt_rtn
@@ -58,7 +62,7 @@ class TuningOptions:
             disable_opt_rtn=bool(kwargs.pop("disable_opt_rtn", False)),
             init_opt_rtn=bool(kwargs.pop("init_opt_rtn", False)),
             cache_dtype=_dtype(kwargs.pop("cache_dtype", None)),
-            report=kwargs.pop("report", None), ignored=ignored,
+            report=kwargs.pop("report", None), gguf=kwargs.pop("gguf", None), ignored=ignored,
         )
         if kwargs:
             raise TypeError(f"unknown tuning arguments: {sorted(kwargs)}")

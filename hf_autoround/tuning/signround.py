@@ -2,8 +2,9 @@
 
 Every planned linear of the block is swapped for a ``QdqLinear`` that computes its weight with
 ``qdq.qdq(W, scheme, V, min_scale, max_scale)`` (fused in ``fakequant``); ``V`` (init 0, clamped to [-0.5, 0.5]) and the per-group
-``min_scale`` / ``max_scale`` (init 1, clamped to [0, 1]) are the only trainable tensors. Each step draws one
-batch, computes the (padding-masked) MSE between the block on its quantized inputs and the float targets, and moves
+``min_scale`` / ``max_scale`` (init 1, clamped to [0, 1]) are the only trainable tensors. (A layer whose target
+is a GGUF grid, ``GridWeight``, is swapped for a ``GridQdqLinear``: its grid's scales are fixed, only ``V`` moves.)
+Each step draws one batch, computes the (padding-masked) MSE between the block on its quantized inputs and the float targets, and moves
 every parameter by ``-lr * sign(grad)`` with ``lr`` decaying linearly to 0. The parameters of the step with the
 lowest loss are the ones kept.
 """
@@ -17,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..convert import set_submodule
+from ..export.gguf.grid import GridWeight
 from ..scheme import QuantScheme
 from .cache import BlockInputs, forward_block
 from .fakequant import GroupedWeight, fake_quant
@@ -33,9 +35,11 @@ class LayerParams:
     max_scale: torch.Tensor
 
     @classmethod
-    def initial(cls, weight: torch.Tensor, scheme: QuantScheme) -> "LayerParams":
+    def initial(cls, weight: torch.Tensor, target: "Target") -> "LayerParams":
         out_f, in_f = weight.shape
-        n_groups, g = scheme.n_groups(in_f), scheme.group_len(in_f)
+        if isinstance(target, GridWeight):  # the grid's scales are fixed: one untuned placeholder per row
+            return cls(torch.zeros(out_f, in_f), torch.ones(out_f, 1), torch.ones(out_f, 1))
+        n_groups, g = target.n_groups(in_f), target.group_len(in_f)
         return cls(torch.zeros(out_f, n_groups, g), torch.ones(out_f, n_groups), torch.ones(out_f, n_groups))
 
     def clone(self) -> "LayerParams":
@@ -46,6 +50,9 @@ class LayerParams:
             self.v.copy_(other.v)
             self.min_scale.copy_(other.min_scale)
             self.max_scale.copy_(other.max_scale)
+
+
+Target = QuantScheme | GridWeight  # what a layer is tuned for: an integer scheme, or a GGUF type's grid
 
 
 @dataclass
@@ -93,12 +100,30 @@ class QdqLinear(nn.Module):
         return F.linear(x, w_hat.to(x.dtype), self.linear.bias)
 
 
+class GridQdqLinear(nn.Module):
+    """A linear whose weight takes the values of its GGUF grid for the tunable rounding ``params.v``."""
+
+    def __init__(self, linear: nn.Linear, grid: GridWeight, params: LayerParams):
+        super().__init__()
+        self.linear, self.grid, self.params = linear, grid, params
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat = self.grid.fake_quant(self.linear.weight, self.params.v)
+        return F.linear(x, w_hat.to(x.dtype), self.linear.bias)
+
+
+def _wrapper(linear: nn.Linear, target: Target, params: LayerParams) -> nn.Module:
+    if isinstance(target, GridWeight):
+        return GridQdqLinear(linear, target, params)
+    return QdqLinear(linear, target, params)
+
+
 @contextlib.contextmanager
-def wrapped(block: nn.Module, layers: dict[str, QuantScheme], params: dict[str, LayerParams]):
-    """Swap the block's planned linears for QdqLinear while inside the context; restore them afterwards."""
+def wrapped(block: nn.Module, layers: dict[str, Target], params: dict[str, LayerParams]):
+    """Swap the block's planned linears for fake-quantising ones while inside the context; restore them after."""
     originals = {name: block.get_submodule(name) for name in layers}
     for name, linear in originals.items():
-        set_submodule(block, name, QdqLinear(linear, layers[name], params[name]))
+        set_submodule(block, name, _wrapper(linear, layers[name], params[name]))
     try:
         yield
     finally:
@@ -140,7 +165,9 @@ def _step(params: list[LayerParams], lr: float, scale_lr: float, tune_scales: bo
             v.grad = None
         if not tune_scales:
             return
-        scales = [t for p in params for t in (p.min_scale, p.max_scale)]
+        scales = [t for p in params for t in (p.min_scale, p.max_scale) if t.grad is not None]
+        if not scales:
+            return
         torch._foreach_add_(scales, torch._foreach_sign([s.grad for s in scales]), alpha=-scale_lr)
         for s in scales:
             s.clamp_(0.0, 1.0)
@@ -162,15 +189,15 @@ def _batch_loss(block, inputs: BlockInputs, q_hidden, targets, idx, settings: Si
     return total
 
 
-def tune_block(block: nn.Module, layers: dict[str, QuantScheme], inputs: BlockInputs, q_hidden: torch.Tensor,
+def tune_block(block: nn.Module, layers: dict[str, Target], inputs: BlockInputs, q_hidden: torch.Tensor,
                targets: torch.Tensor, settings: SignRoundSettings,
                init: dict[str, LayerParams] | None = None) -> BlockResult:
     """Tune the planned ``layers`` (names relative to ``block``) and return the best-loss parameters."""
     params = init or {name: LayerParams.initial(block.get_submodule(name).weight, s) for name, s in layers.items()}
     if settings.iters == 0:
         return BlockResult({n: p.clone() for n, p in params.items()})
-    tune_scales = settings.enable_minmax_tuning
-    for p in params.values():
+    for name, p in params.items():
+        tune_scales = settings.enable_minmax_tuning and not isinstance(layers[name], GridWeight)
         p.v.requires_grad_(True)
         p.min_scale.requires_grad_(tune_scales)
         p.max_scale.requires_grad_(tune_scales)

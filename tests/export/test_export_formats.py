@@ -39,7 +39,7 @@ def test_empty_and_duplicate():
     ("gguf:q4_0", QuantScheme(4, 128, True), "group_size=32"),
     ("gguf:q4_k_m", QuantScheme(4, 32, True), "sym=False"),
     ("gguf:q2_k_s", QuantScheme(2, 32, False), "group_size=16"),
-    ("gguf:q5_k_m", QuantScheme(4, 32, False), "Q5_K"),
+    ("auto_gptq,gguf:q5_k_m", QuantScheme(4, 32, False), "Q5_K"),  # alone it is tuned on its grid
 ])
 def test_format_cannot_hold_scheme(fmt, scheme, match):
     with pytest.raises(ValueError, match=match):

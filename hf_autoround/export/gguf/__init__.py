@@ -8,7 +8,9 @@ double quantisation of scales and mins for the k-quants; ``v`` is SignRound's ro
 
 The file is ``<dir>/<model name>-<FORMAT>.gguf``. Weights come from float linears or from QuantLinear layers; a
 QuantLinear whose scheme is the type's own grid (``native_scheme``) is taken over without re-rounding (Q4_0, Q8_0,
-Q4_1), any other is dequantised and quantised to the type's grid.
+Q4_1), any other is dequantised and quantised to the type's grid. A model tuned on the format's own grids
+(``quantize_model(..., gguf_format=...)``, see :mod:`hf_autoround.tuning.gguf_target`) is written with the block
+parameters its tuning chose.
 """
 from __future__ import annotations
 
@@ -32,6 +34,11 @@ def mix_name(fmt: str) -> str:
     return name
 
 
+def stores_quantized(fmt: str) -> bool:
+    """Whether the format's base type is a quantised GGML type (not bf16 / f16)."""
+    return MIXES[mix_name(fmt)].base.name not in ("F16", "BF16")
+
+
 def native_scheme(fmt: str) -> QuantScheme | None:
     """The integer scheme whose grid the format's base type stores (None for 5/6-bit types and floats)."""
     mix = mix_name(fmt)
@@ -40,16 +47,20 @@ def native_scheme(fmt: str) -> QuantScheme | None:
     return QuantScheme(bits=spec[0], group_size=spec[1], sym=spec[2]) if spec else None
 
 
-def check_scheme(fmt: str, scheme: QuantScheme | None) -> None:
+def check_scheme(fmt: str, scheme: QuantScheme | None, on_grid: bool = False) -> None:
     """Raise ValueError when the model will be quantised with a scheme that the format cannot hold
-    (None = a float model, quantised by the writer itself: always fine)."""
+    (None = a float model, quantised by the writer itself: always fine). ``on_grid``: the format is the only one
+    asked for, so tuning uses its own grids; a base type with no integer scheme (Q5_*, Q6_K) is then fine."""
     mix = mix_name(fmt)
     if scheme is None or MIXES[mix].base.name in ("F16", "BF16"):
         return
     native = native_scheme(fmt)
+    if native is None and on_grid:
+        return
     if native is None:
         raise ValueError(f"format={fmt!r} stores {MIXES[mix].base.name} weights, which no integer scheme of this "
-                         f"package produces; export a float model (the writer quantises it), or choose one of "
+                         f"package produces; ask for this format alone (tuning then uses its grid), export a "
+                         f"float model (the writer quantises it), or choose one of "
                          f"{', '.join(PREFIX + k for k in _NATIVE)}")
     if (scheme.bits, scheme.group_size, scheme.sym) != (native.bits, native.group_size, native.sym):
         raise ValueError(f"format={fmt!r} stores {native.describe()} weights (its base type "
@@ -72,5 +83,9 @@ def write(model, tokenizer, directory: str, fmt: str, tokenizer_pre: str | None 
 
     mix = mix_name(fmt)
     path = os.path.join(directory, gguf_file_name(model, mix))
-    write_gguf(model, tokenizer, path, mix, tokenizer_pre=tokenizer_pre)
+    tuned_on = getattr(model, "gguf_tuning", None)  # a GGUF-grid tuning run: its block parameters, unchanged
+    if tuned_on is not None:
+        tuned_on.check_format(fmt)
+    write_gguf(model, tokenizer, path, mix, tokenizer_pre=tokenizer_pre,
+               params=None if tuned_on is None else tuned_on.params)
     return path

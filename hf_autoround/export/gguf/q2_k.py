@@ -14,6 +14,7 @@ from ._common import fp16_bytes, to_numpy, u8
 
 TYPE = GGMLQuantizationType.Q2_K
 BLOCK = _kquant.QK_K
+CODES = (0, 3)  # range of the stored code field "q"
 SUB = 16
 
 

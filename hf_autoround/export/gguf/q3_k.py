@@ -16,6 +16,7 @@ from ._common import bits_to_bytes, fp16_bytes, to_numpy, u8
 
 TYPE = GGMLQuantizationType.Q3_K
 BLOCK = _kquant.QK_K
+CODES = (-4, 3)  # range of the stored code field "q"
 SUB = 16
 
 

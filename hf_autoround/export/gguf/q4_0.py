@@ -13,6 +13,7 @@ from ._common import fp16, fp16_bytes, fp16_from_bytes, rnd, safe_inv, to_numpy,
 
 TYPE = GGMLQuantizationType.Q4_0
 BLOCK = 32
+CODES = (0, 15)  # range of the stored code field "q"
 
 
 def quantize(x: torch.Tensor, v=None) -> dict:

@@ -12,6 +12,7 @@ from ._common import fp16, fp16_bytes, rnd, safe_inv, to_numpy, u8
 
 TYPE = GGMLQuantizationType.Q4_1
 BLOCK = 32
+CODES = (0, 15)  # range of the stored code field "q"
 
 
 def quantize(x: torch.Tensor, v=None) -> dict:

@@ -14,6 +14,7 @@ from ._common import fp16_bytes, to_numpy, u8
 
 TYPE = GGMLQuantizationType.Q4_K
 BLOCK = _kquant.QK_K
+CODES = (0, 15)  # range of the stored code field "q"
 SUB = 32
 
 

@@ -13,6 +13,7 @@ from ._common import bits_to_bytes, fp16, fp16_bytes, rnd, safe_inv, to_numpy, u
 
 TYPE = GGMLQuantizationType.Q5_0
 BLOCK = 32
+CODES = (0, 31)  # range of the stored code field "q"
 
 
 def quantize(x: torch.Tensor, v=None) -> dict:

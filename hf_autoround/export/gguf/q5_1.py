@@ -13,6 +13,7 @@ from .q5_0 import pack_5bit
 
 TYPE = GGMLQuantizationType.Q5_1
 BLOCK = 32
+CODES = (0, 31)  # range of the stored code field "q"
 
 
 def quantize(x: torch.Tensor, v=None) -> dict:

@@ -15,6 +15,7 @@ from .q4_k import nibbles
 
 TYPE = GGMLQuantizationType.Q5_K
 BLOCK = _kquant.QK_K
+CODES = (0, 31)  # range of the stored code field "q"
 SUB = 32
 
 

@@ -15,6 +15,7 @@ from ._common import fp16_bytes, to_numpy
 
 TYPE = GGMLQuantizationType.Q6_K
 BLOCK = _kquant.QK_K
+CODES = (-32, 31)  # range of the stored code field "q"
 SUB = 16
 
 

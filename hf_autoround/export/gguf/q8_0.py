@@ -12,6 +12,7 @@ from ._common import fp16, fp16_bytes, rnd, safe_inv, to_numpy
 
 TYPE = GGMLQuantizationType.Q8_0
 BLOCK = 32
+CODES = (-127, 127)  # range of the stored code field "q"
 
 
 def quantize(x: torch.Tensor, v=None) -> dict:

@@ -128,18 +128,24 @@ def quantize_tensor(w, qtype: T, perm: torch.Tensor | None = None,
     return mod.pack(params).reshape(rows, -1), deq
 
 
-def quantize_model_tensors(model, fmt: str, params: dict | None = None) -> list[GGUFTensor]:
-    """Every tensor of the GGUF file for format ``fmt`` (a key of ``mixes.MIXES``), quantised. ``params`` maps a
-    weight name (``model.layers.0.mlp.down_proj.weight``) to ``(type name, block params)`` computed elsewhere (a
-    GGUF-grid tuning run); such a weight is written with exactly those parameters."""
-    params = params or {}
+@dataclass(frozen=True)
+class TensorSlot:
+    """How one model tensor is written: its GGUF name, GGML type and row order (``perm``, None = as is)."""
+
+    gguf_name: str
+    qtype: T
+    perm: torch.Tensor | None = None
+
+
+def tensor_slots(model, fmt: str) -> dict[str, TensorSlot]:
+    """Every tensor of the GGUF file for format ``fmt`` (a key of ``mixes.MIXES``), by HF tensor name."""
     spec = arch_spec(model)
     cfg = model.config
     n_layers = cfg.num_hidden_layers
     n_head, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
     names = gguf.get_tensor_name_map(spec.arch, n_layers)
-    out, requantized = [], {}
+    slots = {}
     for key, source in source_tensors(model).items():
         gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
@@ -148,20 +154,32 @@ def quantize_model_tensors(model, fmt: str, params: dict | None = None) -> list[
         perm = None
         if spec.permute_qk and gguf_name.endswith((".attn_q.weight", ".attn_k.weight")):
             perm = qk_row_order(shape[0], n_head if ".attn_q." in gguf_name else n_kv)
-        qtype = tensor_type(fmt, gguf_name, shape, n_layers, n_head // n_kv, tied)
-        given = params.get(key)
+        slots[key] = TensorSlot(gguf_name, tensor_type(fmt, gguf_name, shape, n_layers, n_head // n_kv, tied), perm)
+    return slots
+
+
+def quantize_model_tensors(model, fmt: str, params: dict | None = None) -> list[GGUFTensor]:
+    """Every tensor of the GGUF file for format ``fmt``, quantised. ``params`` maps a weight name
+    (``model.layers.0.mlp.down_proj.weight``) to ``(type name, block params)`` computed elsewhere (a GGUF-grid
+    tuning run); such a weight is written with exactly those parameters."""
+    params = params or {}
+    sources = source_tensors(model)
+    out, requantized = [], {}
+    for key, slot in tensor_slots(model, fmt).items():
+        source, given = sources[key], params.get(key)
         if given is not None:
             given_type = T[given[0].upper()] if isinstance(given[0], str) else given[0]
-            if given_type != qtype:
+            if given_type != slot.qtype:
                 raise ValueError(f"{key}: tuned on the {given_type.name} grid, but format {fmt} stores it as "
-                                 f"{qtype.name}")
-        if given is None and hasattr(source, "unpack") and direct_params(source, qtype) is None:
-            requantized.setdefault((source.spec.scheme.describe(), qtype.name), []).append(key)
-        data, deq = quantize_tensor(source, qtype, perm, None if given is None else given[1])
-        out.append(GGUFTensor(key, gguf_name, qtype, data, deq))
+                                 f"{slot.qtype.name}")
+        if given is None and hasattr(source, "unpack") and direct_params(source, slot.qtype) is None:
+            requantized.setdefault((source.spec.scheme.describe(), slot.qtype.name), []).append(key)
+        data, deq = quantize_tensor(source, slot.qtype, slot.perm, None if given is None else given[1])
+        out.append(GGUFTensor(key, slot.gguf_name, slot.qtype, data, deq))
     for (scheme, qtype), keys in requantized.items():
         logger.warning("GGUF %s: %d %s layers re-quantised to %s (their tuned rounding is not kept; quantise on "
-                       "the GGUF grid to keep it, see hf_autoround.export.gguf.grid)", fmt, len(keys), scheme, qtype)
+                       "the GGUF grid to keep it: quantize_and_save with this format alone)", fmt, len(keys),
+                       scheme, qtype)
     return out
 
 
