@@ -1,170 +1,259 @@
-/* 4-bit weights x int8 activations on AVX2 (+FMA): y = x W^T for small and large batches.
+/* 4-bit weights x int8 activations on AVX2 (+FMA, F16C): y = x W^T + bias, tuned for batch-1 decode.
  *
- * Weights (built once in Python, see backends/native.py), per output row n, per block of 32 inputs: 16 bytes,
- * byte j = q[32b + j] | q[32b + 16 + j] << 4, codes q in 0..15. Per row and op group g (gb blocks of 32):
- * scale[n * G + g] and szero[n * G + g] (= scale * zero point), so that w = scale * q - szero.
+ * Weights (repacked once at load by backends/native.py), in tiles of TILE = 4 output rows streamed in order:
+ *   wq    uint8 [N/4][np][4][32]: per pair of input blocks (2 x 32 inputs) and row, 32 bytes; byte j < 16 holds the
+ *         codes j (low nibble) and j + 16 (high nibble) of the first block, byte 16 + j those of the second block.
+ *         Codes are 0..15; K is padded with zero codes to np = ceil(K / 64) pairs.
+ *   scale [N/4][Gp][4] float16 (or float32 when scale_f32), zero int8 [N/4][Gp][4]: w = scale * (q - zero) per op
+ *         group of gb blocks of 32 (gb = 1, 2, 4 or 8; for gb = 1 the block count is padded to even).
+ * Activations are quantised per block of 32 to int8 with one float scale d (round to nearest, |q| <= 127), stored
+ * in the order the nibbles unpack: per pair [first block 0..15][second 0..15][first 16..31][second 16..31]. With
+ * xsum[g] = sum over the blocks of group g of d_b * sum(q_b):
+ *     y[n] = sum_g scale[n,g] * ( sum_{b in g} d_b * dot(q_w, q_x)_b  -  zero[n,g] * xsum[g] ).
+ * dot() is exact in integers: _mm256_maddubs_epi16 multiplies the unsigned codes (<= 15) by the signed int8
+ * activations; two of them added stay below 2 * 2 * 15 * 127 < 2^15.
  *
- * Activations are quantised per block of 32 to int8 with one float scale (xs), and per group we keep
- * xsum[g] = sum over its blocks of xs_b * sum(xq_b). Then
- *     y[m, n] = sum_g ( scale[n,g] * sum_{b in g} xs[m,b] * dot(q_b, xq_b)  -  szero[n,g] * xsum[m,g] ).
- * dot(q_b, xq_b) is exact in int32: _mm256_maddubs_epi16 multiplies unsigned codes (<= 15) by signed int8
- * (|x| <= 127), pair sums stay below 2^15.
+ * Threads: the caller and (threads - 1) OpenMP threads take chunks of CHUNK_TILES tiles dynamically.
  */
 #include <immintrin.h>
-#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #define BLOCK 32
+#define PAIR 64
+#define TILE 4
+#define CHUNK_TILES 16
+#define M_BLOCK 4
 
-/* x: float [M, K] -> xq int8 [M, K], xs float [M, K/32], xsum float [M, G] (G = K / (32 * gb)). */
-void w4a8_quantize_act(const float *x, int64_t M, int64_t K, int64_t gb, int8_t *xq, float *xs, float *xsum) {
-    const int64_t nb = K / BLOCK, G = nb / gb;
-    for (int64_t m = 0; m < M; m++) {
-        const float *xr = x + m * K;
-        for (int64_t g = 0; g < G; g++) {
-            float gs = 0.f;
-            for (int64_t b = g * gb; b < (g + 1) * gb; b++) {
-                const float *xb = xr + b * BLOCK;
-                __m256 amax = _mm256_setzero_ps();
-                const __m256 sign = _mm256_set1_ps(-0.0f);
-                for (int j = 0; j < BLOCK; j += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + j)));
-                __m128 a4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-                a4 = _mm_max_ps(a4, _mm_movehl_ps(a4, a4));
-                a4 = _mm_max_ss(a4, _mm_shuffle_ps(a4, a4, 1));
-                const float amx = _mm_cvtss_f32(a4);
-                const float d = amx / 127.f;
-                const float id = amx > 0.f ? 127.f / amx : 0.f;
-                int32_t s = 0;
-                int8_t *q = xq + m * K + b * BLOCK;
-                for (int j = 0; j < BLOCK; j++) {
-                    int v = (int)lrintf(xb[j] * id);
-                    v = v > 127 ? 127 : (v < -127 ? -127 : v);
-                    q[j] = (int8_t)v;
-                    s += v;
-                }
-                xs[m * nb + b] = d;
-                gs += d * (float)s;
-            }
-            xsum[m * G + g] = gs;
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+typedef struct {
+    const uint8_t *wq;
+    const void *scale;
+    const int8_t *zero;
+    const float *bias;
+    int64_t N, K, gb, np, Gp;
+    int scale_f32;
+} weights_t;
+
+typedef struct {
+    const int8_t *xq;   /* [M][np * 64] */
+    const float *xd;    /* [M][np * 8]: d of each pair's two blocks, 4 copies each */
+    const float *xsum;  /* [M][Gp] */
+    int64_t M;
+} acts_t;
+
+/* ------------------------------------------------------------------------------------------- conversions */
+static inline __m256 load8(const void *x, int dt, int64_t i) {
+    if (dt == DT_BF16) {
+        const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + i));
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+    if (dt == DT_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + i)));
+    return _mm256_loadu_ps((const float *)x + i);
+}
+
+static inline uint16_t to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);                 /* round to nearest even */
+}
+
+static inline void store4(void *y, int dt, int64_t i, __m128 v) {
+    if (dt == DT_F32) {
+        _mm_storeu_ps((float *)y + i, v);
+    } else if (dt == DT_F16) {
+        _mm_storel_epi64((__m128i *)((uint16_t *)y + i), _mm_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else {
+        float f[4];
+        _mm_storeu_ps(f, v);
+        for (int r = 0; r < 4; r++) ((uint16_t *)y)[i + r] = to_bf16(f[r]);
+    }
+}
+
+static inline float hmax(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+    return _mm_cvtss_f32(m);
+}
+
+static inline int32_t hsum_i32(__m256i v) {
+    __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+    s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+    return _mm_cvtsi128_si32(s);
+}
+
+/* four row accumulators -> their four horizontal sums */
+static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+
+/* --------------------------------------------------------------------------------- activation quantisation */
+/* One block of 32 inputs (zeros past K) -> 32 int8 codes in input order; returns d, sets *qsum. */
+static inline float quantize_block(const void *x, int dt, int64_t start, int64_t K, __m256i *codes, int32_t *qsum) {
+    __m256 v[4];
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 amax = _mm256_setzero_ps();
+    for (int j = 0; j < 4; j++) {
+        v[j] = start + 8 * j < K ? load8(x, dt, start + 8 * j) : _mm256_setzero_ps();
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+    }
+    const float m = hmax(amax);
+    const __m256 id = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    __m256i q[4];
+    for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));
+    *qsum = hsum_i32(_mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3])));
+    const __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    *codes = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    return m / 127.f;
+}
+
+/* One activation row (K inputs, dtype dt) -> its pair-ordered int8 codes, pair scales and group sums. */
+static void quantize_row(const void *x, int dt, const weights_t *w, int8_t *xq, float *xd, float *xsum) {
+    const int64_t nb = w->K / BLOCK;
+    memset(xsum, 0, (size_t)w->Gp * sizeof(float));
+    for (int64_t p = 0; p < w->np; p++) {
+        for (int h = 0; h < 2; h++) {
+            const int64_t b = 2 * p + h;
+            __m256i c = _mm256_setzero_si256();
+            int32_t s = 0;
+            const float d = b < nb ? quantize_block(x, dt, b * BLOCK, w->K, &c, &s) : 0.f;
+            _mm_storeu_si128((__m128i *)(xq + p * PAIR + h * 16), _mm256_castsi256_si128(c));
+            _mm_storeu_si128((__m128i *)(xq + p * PAIR + 32 + h * 16), _mm256_extracti128_si256(c, 1));
+            _mm_storeu_ps(xd + p * 8 + h * 4, _mm_set1_ps(d));
+            xsum[b / w->gb] += d * (float)s;
         }
     }
 }
 
-static inline __m256i unpack_block(const uint8_t *p, __m128i low_mask) {
-    const __m128i raw = _mm_loadu_si128((const __m128i *)p);
-    const __m128i lo = _mm_and_si128(raw, low_mask);
-    const __m128i hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
-    return _mm256_set_m128i(hi, lo);
+/* ----------------------------------------------------------------------------------------------- dot products */
+/* 8 partial dots (as floats) of one row's pair of blocks with the activations: lanes 0-3 first block, 4-7 second. */
+static inline __m256 pair_dot(const uint8_t *wp, __m256i xl, __m256i xh) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)wp);
+    const __m256i lo = _mm256_and_si256(raw, mask);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+    const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
 }
 
-static inline float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    return _mm_cvtss_f32(s);
+static inline __m128 load_scales(const weights_t *w, int64_t tile, int64_t g) {
+    const int64_t i = (tile * w->Gp + g) * TILE;
+    if (w->scale_f32) return _mm_loadu_ps((const float *)w->scale + i);
+    return _mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)((const uint16_t *)w->scale + i)));
 }
 
-/* rows [n0, n1) of y[M, N] (float). ROWS rows at a time share the activation loads. */
-#define ROWS 4
-static void rows_kernel(const uint8_t *wq, const float *scale, const float *szero, const int8_t *xq,
-                        const float *xs, const float *xsum, float *y, int64_t M, int64_t N, int64_t K, int64_t gb,
-                        int64_t n0, int64_t n1) {
-    const int64_t nb = K / BLOCK, G = nb / gb, row_bytes = K / 2;
-    const __m128i low_mask = _mm_set1_epi8(0x0F);
-    const __m256i ones = _mm256_set1_epi16(1);
-    int64_t n = n0;
-    for (; n + ROWS <= n1; n += ROWS) {
-        int64_t m = 0;
-        for (; m + 2 <= M; m += 2) { /* two activation rows share every unpacked weight block */
-            const int8_t *xq0 = xq + m * K, *xq1 = xq + (m + 1) * K;
-            const float *xs0 = xs + m * nb, *xs1 = xs + (m + 1) * nb;
-            __m256 acc0[ROWS], acc1[ROWS];
-            float corr0[ROWS], corr1[ROWS];
-            for (int r = 0; r < ROWS; r++) {
-                acc0[r] = acc1[r] = _mm256_setzero_ps();
-                corr0[r] = corr1[r] = 0.f;
-            }
-            for (int64_t g = 0; g < G; g++) {
-                __m256 ga0[ROWS], ga1[ROWS];
-                for (int r = 0; r < ROWS; r++) ga0[r] = ga1[r] = _mm256_setzero_ps();
-                for (int64_t b = g * gb; b < (g + 1) * gb; b++) {
-                    const __m256i x0 = _mm256_loadu_si256((const __m256i *)(xq0 + b * BLOCK));
-                    const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq1 + b * BLOCK));
-                    const __m256 d0 = _mm256_set1_ps(xs0[b]), d1 = _mm256_set1_ps(xs1[b]);
-                    for (int r = 0; r < ROWS; r++) {
-                        const __m256i wv = unpack_block(wq + (n + r) * row_bytes + b * (BLOCK / 2), low_mask);
-                        const __m256i p0 = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x0), ones);
-                        const __m256i p1 = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, x1), ones);
-                        ga0[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d0, ga0[r]);
-                        ga1[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d1, ga1[r]);
-                    }
-                }
-                for (int r = 0; r < ROWS; r++) {
-                    const float sg = scale[(n + r) * G + g], zg = szero[(n + r) * G + g];
-                    acc0[r] = _mm256_fmadd_ps(ga0[r], _mm256_set1_ps(sg), acc0[r]);
-                    acc1[r] = _mm256_fmadd_ps(ga1[r], _mm256_set1_ps(sg), acc1[r]);
-                    corr0[r] += zg * xsum[m * G + g];
-                    corr1[r] += zg * xsum[(m + 1) * G + g];
-                }
-            }
-            for (int r = 0; r < ROWS; r++) {
-                y[m * N + n + r] = hsum(acc0[r]) - corr0[r];
-                y[(m + 1) * N + n + r] = hsum(acc1[r]) - corr1[r];
-            }
+static inline __m128 load_zeros(const weights_t *w, int64_t tile, int64_t g) {
+    int32_t z;
+    memcpy(&z, w->zero + (tile * w->Gp + g) * TILE, 4);
+    return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(z)));
+}
+
+/* The four outputs of one tile for one activation row, groups of gb >= 2 blocks (whole pairs). */
+static __m128 tile_groups(const weights_t *w, int64_t tile, const int8_t *xq, const float *xd, const float *xsum) {
+    const int64_t ppg = w->gb / 2, G = w->Gp;
+    const uint8_t *wp = w->wq + tile * w->np * TILE * 32;
+    __m256 acc[TILE];
+    __m128 corr = _mm_setzero_ps();
+    for (int r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < G; g++) {
+        __m256 ga[TILE];
+        for (int r = 0; r < TILE; r++) ga[r] = _mm256_setzero_ps();
+        for (int64_t p = g * ppg; p < (g + 1) * ppg; p++, wp += TILE * 32) {
+            const __m256i xl = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR));
+            const __m256i xh = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR + 32));
+            const __m256 d = _mm256_loadu_ps(xd + p * 8);
+            for (int r = 0; r < TILE; r++) ga[r] = _mm256_fmadd_ps(pair_dot(wp + r * 32, xl, xh), d, ga[r]);
         }
-        for (; m < M; m++) {
-            const int8_t *xqm = xq + m * K;
-            const float *xsm = xs + m * nb;
-            __m256 acc[ROWS];
-            float corr[ROWS];
-            for (int r = 0; r < ROWS; r++) { acc[r] = _mm256_setzero_ps(); corr[r] = 0.f; }
-            for (int64_t g = 0; g < G; g++) {
-                __m256 ga[ROWS];
-                for (int r = 0; r < ROWS; r++) ga[r] = _mm256_setzero_ps();
-                for (int64_t b = g * gb; b < (g + 1) * gb; b++) {
-                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xqm + b * BLOCK));
-                    const __m256 d = _mm256_set1_ps(xsm[b]);
-                    for (int r = 0; r < ROWS; r++) {
-                        const __m256i wv = unpack_block(wq + (n + r) * row_bytes + b * (BLOCK / 2), low_mask);
-                        const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-                        ga[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, ga[r]);
-                    }
-                }
-                for (int r = 0; r < ROWS; r++) {
-                    acc[r] = _mm256_fmadd_ps(ga[r], _mm256_set1_ps(scale[(n + r) * G + g]), acc[r]);
-                    corr[r] += szero[(n + r) * G + g] * xsum[m * G + g];
-                }
-            }
-            for (int r = 0; r < ROWS; r++) y[m * N + n + r] = hsum(acc[r]) - corr[r];
+        const __m128 s = load_scales(w, tile, g);
+        corr = _mm_fmadd_ps(_mm_mul_ps(s, load_zeros(w, tile, g)), _mm_set1_ps(xsum[g]), corr);
+        const __m256 s8 = _mm256_set_m128(s, s);
+        for (int r = 0; r < TILE; r++)
+            acc[r] = _mm256_fmadd_ps(ga[r], _mm256_permutevar8x32_ps(s8, _mm256_set1_epi32(r)), acc[r]);
+    }
+    return _mm_sub_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), corr);
+}
+
+/* Same for groups of one block (gb = 1): the two halves of every pair have their own scales. */
+static __m128 tile_blocks(const weights_t *w, int64_t tile, const int8_t *xq, const float *xd, const float *xsum) {
+    const uint8_t *wp = w->wq + tile * w->np * TILE * 32;
+    __m256 acc[TILE];
+    __m128 corr = _mm_setzero_ps();
+    for (int r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t p = 0; p < w->np; p++, wp += TILE * 32) {
+        const __m256i xl = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR));
+        const __m256i xh = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR + 32));
+        const __m256 d = _mm256_loadu_ps(xd + p * 8);
+        const __m128 s0 = load_scales(w, tile, 2 * p), s1 = load_scales(w, tile, 2 * p + 1);
+        corr = _mm_fmadd_ps(_mm_mul_ps(s0, load_zeros(w, tile, 2 * p)), _mm_set1_ps(xsum[2 * p]), corr);
+        corr = _mm_fmadd_ps(_mm_mul_ps(s1, load_zeros(w, tile, 2 * p + 1)), _mm_set1_ps(xsum[2 * p + 1]), corr);
+        const __m256 s8 = _mm256_set_m128(s1, s0);
+        for (int r = 0; r < TILE; r++) {
+            const __m256 sr = _mm256_permutevar8x32_ps(s8, _mm256_setr_epi32(r, r, r, r, 4 + r, 4 + r, 4 + r, 4 + r));
+            acc[r] = _mm256_fmadd_ps(pair_dot(wp + r * 32, xl, xh), _mm256_mul_ps(d, sr), acc[r]);
         }
     }
-    for (; n < n1; n++) {
-        for (int64_t m = 0; m < M; m++) {
-            __m256 acc = _mm256_setzero_ps();
-            float corr = 0.f;
-            for (int64_t g = 0; g < G; g++) {
-                const float sg = scale[n * G + g];
-                corr += szero[n * G + g] * xsum[m * G + g];
-                for (int64_t b = g * gb; b < (g + 1) * gb; b++) {
-                    const __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + m * K + b * BLOCK));
-                    const __m256i wv = unpack_block(wq + n * row_bytes + b * (BLOCK / 2), low_mask);
-                    const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(wv, xv), ones);
-                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(xs[m * nb + b] * sg), acc);
-                }
+    return _mm_sub_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), corr);
+}
+
+/* ------------------------------------------------------------------------------------------------- driver */
+static void run_chunk(const weights_t *w, const acts_t *a, int64_t chunk, void *y, int dt) {
+    const int64_t t0 = chunk * CHUNK_TILES, n_tiles = w->N / TILE;
+    const int64_t t1 = t0 + CHUNK_TILES < n_tiles ? t0 + CHUNK_TILES : n_tiles;
+    const int64_t xq_row = w->np * PAIR, xd_row = w->np * 8;
+    for (int64_t m0 = 0; m0 < a->M; m0 += M_BLOCK) {
+        const int64_t m1 = m0 + M_BLOCK < a->M ? m0 + M_BLOCK : a->M;
+        for (int64_t t = t0; t < t1; t++) {
+            const __m128 b = w->bias ? _mm_loadu_ps(w->bias + t * TILE) : _mm_setzero_ps();
+            for (int64_t m = m0; m < m1; m++) {
+                const int8_t *xq = a->xq + m * xq_row;
+                const float *xd = a->xd + m * xd_row, *xs = a->xsum + m * w->Gp;
+                const __m128 v = w->gb == 1 ? tile_blocks(w, t, xq, xd, xs) : tile_groups(w, t, xq, xd, xs);
+                store4(y, dt, m * w->N + t * TILE, _mm_add_ps(v, b));
             }
-            y[m * N + n] = hsum(acc) - corr;
         }
     }
 }
 
-/* y[M, N] = dequant(W) applied to the quantised activations; threads split the output rows. */
-void w4a8_matmul(const uint8_t *wq, const float *scale, const float *szero, const int8_t *xq, const float *xs,
-                 const float *xsum, float *y, int64_t M, int64_t N, int64_t K, int64_t gb, int threads) {
-    const int64_t chunk = 64;
-    const int64_t n_chunks = (N + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t c = 0; c < n_chunks; c++) {
-        const int64_t n0 = c * chunk, n1 = n0 + chunk < N ? n0 + chunk : N;
-        rows_kernel(wq, scale, szero, xq, xs, xsum, y, M, N, K, gb, n0, n1);
+/* Per-thread scratch for the quantised activations, grown on demand (never shrunk). */
+static _Thread_local void *scratch;
+static _Thread_local size_t scratch_size;
+
+static void *get_scratch(size_t n) {
+    if (n > scratch_size) {
+        free(scratch);
+        scratch = aligned_alloc(64, (n + 63) / 64 * 64);
+        scratch_size = scratch ? n : 0;
     }
+    return scratch;
+}
+
+/* y[M, N] (dtype dt) = x[M, K] (dtype dt) W^T + bias. Returns 0, or -1 when scratch memory cannot be had. */
+int w4a8_linear(const uint8_t *wq, const void *scale, const int8_t *zero, const float *bias, int64_t N, int64_t K,
+                int64_t gb, int scale_f32, const void *x, void *y, int64_t M, int dt, int threads) {
+    const int64_t np = (K + PAIR - 1) / PAIR, Gp = gb == 1 ? 2 * np : K / (BLOCK * gb);
+    const weights_t w = {wq, scale, zero, bias, N, K, gb, np, Gp, scale_f32};
+    const size_t xq_bytes = (size_t)(M * np * PAIR), xd_bytes = (size_t)(M * np * 8) * sizeof(float);
+    char *buf = get_scratch(xq_bytes + xd_bytes + (size_t)(M * Gp) * sizeof(float));
+    if (!buf) return -1;
+    const acts_t a = {(int8_t *)buf, (float *)(buf + xq_bytes), (float *)(buf + xq_bytes + xd_bytes), M};
+    const size_t elt = dt == DT_F32 ? 4 : 2;
+    const int64_t n_chunks = (N / TILE + CHUNK_TILES - 1) / CHUNK_TILES;
+    if (threads < 1) threads = 1;
+    if (threads > n_chunks) threads = (int)n_chunks;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++)
+            quantize_row((const char *)x + m * K * elt, dt, &w, (int8_t *)a.xq + m * np * PAIR,
+                         (float *)a.xd + m * np * 8, (float *)a.xsum + m * Gp);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < n_chunks; c++) run_chunk(&w, &a, c, y, dt);
+    }
+    return 0;
 }

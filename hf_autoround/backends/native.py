@@ -1,91 +1,42 @@
-"""``cpu_w4a8``: our own CPU kernel — 4-bit weights (any of our 2/3/4-bit schemes, mapped to 0..15 codes as for
-the int4 op), activations quantised on the fly to int8 per block of 32 (like llama.cpp's Q8_0), integer dot
-products with AVX2 ``maddubs`` and float accumulation per block (``kernels/w4a8_avx2.c``).
+"""``cpu_w4a8``: our own CPU kernel (``kernels/w4a8_avx2.c``) — 4-bit weight codes (any of our 2/3/4-bit schemes,
+mapped to 0..15 as for torch's int4 op) times activations quantised on the fly to int8 per block of 32 (like
+llama.cpp's Q8_0), integer dot products with AVX2 ``maddubs`` and float accumulation per block and group.
 
-The C source is compiled on first use with the system C compiler into the cache folder
-(``$HF_AUTOROUND_CACHE/kernels``, default ``~/.cache/hf_autoround/kernels``) and loaded with ctypes; ctypes releases
-the GIL and the library runs its own OpenMP loop (it shares torch's libgomp once torch is loaded). No compiler, no
-AVX2/FMA, or ``HF_AUTOROUND_NATIVE=0``: the backend reports itself unavailable and selection falls back to
-``cpu_int4``. Nothing here is part of the install step, so installing never needs a compiler.
+At load the weights are repacked once into tiles of 4 output rows that the kernel streams front to back (see the C
+source for the byte layout), with float16 scales (float32 when a scale is not exactly a float16) and int8 zero
+points per op group. One call does everything in C: activation quantisation (in the caller's dtype: float32,
+bfloat16 or float16), the product on ``torch.get_num_threads()`` threads, the bias, and the output in the caller's
+dtype; no temporary tensors besides the output.
 
-Numerics: activations lose precision to int8 per 32-block (relative error ~1/254 of the block maximum), weights are
-exact, scales are float32; results are returned in the caller's dtype.
+The library is compiled on first use (``native_build``); where that cannot happen (no compiler, no AVX2/FMA/F16C)
+the backend reports itself unavailable and selection falls back to ``cpu_int4``. To keep it from running, choose
+another backend: ``AutoRoundConfig(backend="cpu_int4")``.
+
+Numerics: activations lose precision to int8 per block of 32 (error up to 1/254 of the block's largest magnitude);
+weights and scales are exact; accumulation is float32.
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
-import os
-import shutil
-import subprocess
-import tempfile
 import threading
 
 import torch
 
+from . import native_build
 from .cpu_aten import _group_views, int4_op_unfit
 
 logger = logging.getLogger(__name__)
 
-def _source_path(name: str = "w4a8_avx2.c") -> str:
-    """The kernel source: inside the package in a wheel install, in the checkout's kernels/ when editable."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in (os.path.join(here, "csrc", name), os.path.join(here, "..", "..", "kernels", name)):
-        if os.path.isfile(path):
-            return os.path.normpath(path)
-    return os.path.join(here, "csrc", name)
-
-
-SOURCE = _source_path()
-BLOCK = 32
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+SOURCE = native_build.source_path("w4a8_avx2.c")
+BLOCK = 32  # inputs per activation scale
+PAIR = 64  # inputs per unit of the weight stream (two blocks)
+TILE = 4  # output rows per tile
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _lock = threading.Lock()
 _lib = None
 _lib_error: str | None = None
-
-
-def _cache_dir() -> str:
-    base = os.environ.get("HF_AUTOROUND_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_autoround"))
-    return os.path.join(base, "kernels")
-
-
-def _cpu_ok() -> str | None:
-    cap = torch.backends.cpu.get_cpu_capability()
-    if cap not in ("AVX2", "AVX512"):
-        return f"CPU capability {cap} (needs AVX2)"
-    try:
-        flags = open("/proc/cpuinfo").read()
-        if " fma" not in flags or " avx2" not in flags:
-            return "CPU lacks AVX2/FMA"
-    except OSError:
-        pass
-    return None
-
-
-def _build() -> str:
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not compiler:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
-    with open(SOURCE, "rb") as f:
-        digest = hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = os.path.join(_cache_dir(), f"w4a8_avx2-{digest}.so")
-    if os.path.isfile(target):
-        return target
-    os.makedirs(_cache_dir(), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=_cache_dir())
-    os.close(fd)
-    try:
-        proc = subprocess.run([compiler, *FLAGS, SOURCE, "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=300)
-        if proc.returncode:
-            raise RuntimeError(f"compiling {SOURCE} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
 
 
 def load_library():
@@ -97,17 +48,10 @@ def load_library():
         if _lib_error is not None:
             raise RuntimeError(_lib_error)
         try:
-            if os.environ.get("HF_AUTOROUND_NATIVE", "1") == "0":
-                raise RuntimeError("disabled by HF_AUTOROUND_NATIVE=0")
-            reason = _cpu_ok()
-            if reason:
-                raise RuntimeError(reason)
-            lib = ctypes.CDLL(_build())
+            lib = native_build.load(SOURCE)
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.w4a8_quantize_act.argtypes = [p, i64, i64, i64, p, p, p]
-            lib.w4a8_quantize_act.restype = None
-            lib.w4a8_matmul.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i32]
-            lib.w4a8_matmul.restype = None
+            lib.w4a8_linear.argtypes = [p, p, p, p, i64, i64, i64, i32, p, p, i64, i32, i32]
+            lib.w4a8_linear.restype = i32
             _lib = lib
             return lib
         except Exception as err:  # noqa: BLE001 - any failure means "not available"
@@ -134,6 +78,7 @@ def w4a8_unfit(scheme, in_features: int, out_features: int) -> str | None:
     return int4_op_unfit(scheme, in_features, out_features)  # same op-group rule (groups of 32/64/128/256)
 
 
+# ------------------------------------------------------------------------------------------------------ layout
 def pack_rows(codes_out_in: torch.Tensor) -> torch.Tensor:
     """uint8 ``[N, K/2]``: per block of 32, byte j holds code j (low nibble) and code j + 16 (high nibble)."""
     n, k = codes_out_in.shape
@@ -147,45 +92,93 @@ def unpack_rows(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([p & 15, p >> 4], dim=2).reshape(n, half * 2).to(torch.int32)
 
 
+def n_pairs(in_features: int) -> int:
+    return (in_features + PAIR - 1) // PAIR
+
+
+def tile_codes(codes_out_in: torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N/4, pairs, 4, 32]``: rows packed as ``pack_rows`` (inputs padded with code 0 to whole pairs), then
+    for every tile of 4 rows the 32-byte pieces of its rows pair after pair, so that one tile is one stream."""
+    n, k = codes_out_in.shape
+    npairs = n_pairs(k)
+    padded = torch.nn.functional.pad(codes_out_in.to(torch.uint8), (0, npairs * PAIR - k))
+    return pack_rows(padded).reshape(n // TILE, TILE, npairs, 32).transpose(1, 2).contiguous()
+
+
+def untile_codes(tiled: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Inverse of ``tile_codes``: int32 codes ``[N, K]``."""
+    tiles, npairs = tiled.shape[:2]
+    rows = tiled.transpose(1, 2).reshape(tiles * TILE, npairs * 32)
+    return unpack_rows(rows)[:, :in_features]
+
+
+def tile_groups(per_group_out: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """``[G, N]`` per-op-group values -> ``[N/4, Gp, 4]`` (groups padded with zeros to ``n_groups``)."""
+    g, n = per_group_out.shape
+    padded = torch.nn.functional.pad(per_group_out, (0, 0, 0, n_groups - g))
+    return padded.t().reshape(n // TILE, TILE, n_groups).transpose(1, 2).contiguous()
+
+
+def compact_scales(scales: torch.Tensor) -> torch.Tensor:
+    """float16 when every scale is exactly a float16 (checkpoint scales are), else float32."""
+    half = scales.to(torch.float16)
+    return half if torch.equal(half.float(), scales.float()) else scales.float()
+
+
+def kernel_codes(qw):
+    """(codes in 0..15 ``[K, N]``, op group size, scales ``[K/op, N]``, zero points ``[K/op, N]``): the codes
+    shifted to a zero point of 8 when they fit (every symmetric and 2/3-bit layer), else raw."""
+    op_group, scales, zeros = _group_views(qw)
+    zeros_per_row = qw.zeros.index_select(0, qw.group_index())
+    shifted = qw.codes - zeros_per_row + 8
+    del zeros_per_row
+    if int(shifted.min()) >= 0 and int(shifted.max()) <= 15:
+        return shifted, op_group, scales, torch.full_like(zeros, 8)
+    return qw.codes, op_group, scales, zeros
+
+
+# ------------------------------------------------------------------------------------------------------ kernel
 class W4A8Kernel:
     name = "cpu_w4a8"
 
     def __init__(self, layer):
         self.lib = load_library()
-        self.layer = layer
+        self.layer = layer  # for the bias (it may change dtype with model.to)
         self.in_features, self.out_features = layer.in_features, layer.out_features
-        qw = layer.unpack()
-        op_group, scales, zeros = _group_views(qw)  # [K/op_group, N]
-        zeros_per_row = qw.zeros.index_select(0, qw.group_index())
-        shifted = qw.codes - zeros_per_row + 8
-        del zeros_per_row
-        if int(shifted.min()) >= 0 and int(shifted.max()) <= 15:
-            codes, zero = shifted, torch.full_like(scales, 8.0)
-        else:
-            codes, zero = qw.codes, zeros.float()
-        del shifted
-        self.wq = pack_rows(codes.t())
-        self.scale = scales.t().contiguous().float()  # [N, G]
-        self.szero = (scales * zero).t().contiguous().float()
+        codes, op_group, scales, zeros = kernel_codes(layer.unpack())
         self.blocks_per_group = op_group // BLOCK
+        groups = 2 * n_pairs(self.in_features) if self.blocks_per_group == 1 else scales.shape[0]
+        self.wq = tile_codes(codes.t())
+        del codes
+        self.scale = tile_groups(compact_scales(scales), groups)
+        self.zero = tile_groups(zeros.to(torch.int8), groups)
+        self._bias_key = None
+        self._bias = None
+
+    def _bias_ptr(self):
+        bias = self.layer.bias
+        if bias is None:
+            return None
+        key = (bias.data_ptr(), bias.dtype, bias._version)
+        if key != self._bias_key:
+            self._bias = bias.detach().float().contiguous()
+            self._bias_key = key
+        return self._bias.data_ptr()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         K, N = self.in_features, self.out_features
-        lead = x.shape[:-1]
-        xf = x.reshape(-1, K).to(torch.float32).contiguous()
-        M = xf.shape[0]
-        nb = K // BLOCK
-        G = nb // self.blocks_per_group
-        xq = torch.empty(M, K, dtype=torch.int8)
-        xs = torch.empty(M, nb, dtype=torch.float32)
-        xsum = torch.empty(M, G, dtype=torch.float32)
-        y = torch.empty(M, N, dtype=torch.float32)
-        self.lib.w4a8_quantize_act(xf.data_ptr(), M, K, self.blocks_per_group, xq.data_ptr(), xs.data_ptr(),
-                                   xsum.data_ptr())
-        self.lib.w4a8_matmul(self.wq.data_ptr(), self.scale.data_ptr(), self.szero.data_ptr(), xq.data_ptr(),
-                             xs.data_ptr(), xsum.data_ptr(), y.data_ptr(), M, N, K, self.blocks_per_group,
-                             torch.get_num_threads())
-        y = y.to(x.dtype)
-        if self.layer.bias is not None:
-            y = y + self.layer.bias.to(x.dtype)
-        return y.reshape(*lead, N)
+        code = DTYPE_CODES.get(x.dtype)
+        if code is None:
+            raise TypeError(f"cpu_w4a8 takes float32/bfloat16/float16 activations, not {x.dtype}")
+        x2 = x.reshape(-1, K)
+        if not x2.is_contiguous():
+            x2 = x2.contiguous()
+        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
+        if x2.shape[0] == 0:
+            return y
+        rc = self.lib.w4a8_linear(self.wq.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self._bias_ptr(),
+                                  N, K, self.blocks_per_group, self.scale.dtype == torch.float32, x2.data_ptr(),
+                                  y.data_ptr(), x2.shape[0], code, torch.get_num_threads())
+        if rc:
+            raise MemoryError("cpu_w4a8: no memory for the quantised activations")
+        return y

@@ -1,17 +1,34 @@
-"""Our compiled ``cpu_w4a8`` kernel against the reference (skipped where it cannot be built), its nibble layout,
-and the clean fallback when it is unavailable."""
+"""Our compiled ``cpu_w4a8`` kernel (skipped where it cannot be built): its layout, exactness against a plain-torch
+emulation of the int8 activations, closeness to the float reference, every dtype/shape path, and the clean
+fallback when the library cannot be built."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from hf_autoround.backends import native, select_backend
+from hf_autoround.backends import available_backends, native, native_build, select_backend
 from hf_autoround.backends.cpu_aten import int4_op_unfit
+from hf_autoround.qdq import dequantize_weight
 from hf_autoround.scheme import QuantScheme
 
-from test_cpu_kernels import check, make_layer
+from test_cpu_kernels import check, make_layer, rel_err
 
 needs_native = pytest.mark.skipif(not native.available(), reason=f"{native.why_unavailable()}")
+
+
+def w4a8_reference(layer, x: torch.Tensor) -> torch.Tensor:
+    """Plain torch: int8 activations per block of 32 (round to nearest even), float64 product, float64 result."""
+    K = layer.in_features
+    xf = x.float().reshape(-1, K)
+    blocks = xf.reshape(xf.shape[0], K // 32, 32)
+    amax = blocks.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inv)
+    xq = (q.double() * (amax / 127.0).double()).reshape_as(xf)
+    w = dequantize_weight(layer.unpack(), dtype=torch.float64)
+    bias = layer.bias.double() if layer.bias is not None else None
+    return F.linear(xq, w, bias).reshape(*x.shape[:-1], layer.out_features)
 
 
 def test_pack_rows_layout_round_trips():
@@ -22,11 +39,57 @@ def test_pack_rows_layout_round_trips():
     assert torch.equal(native.unpack_rows(packed), codes)
 
 
+def test_tile_layout_streams_four_rows_per_pair():
+    codes = torch.randint(0, 16, (8, 96), dtype=torch.int32)  # 3 blocks -> 2 pairs, the last half padded
+    tiled = native.tile_codes(codes)
+    assert tiled.shape == (2, 2, 4, 32)
+    rows = native.pack_rows(torch.nn.functional.pad(codes, (0, 32)))
+    assert torch.equal(tiled[1, 0, 2], rows[6, :32]) and torch.equal(tiled[1, 1, 3], rows[7, 32:])
+    assert int(tiled[0, 1, 0, 16:].max()) == 0  # padding is code 0
+    assert torch.equal(native.untile_codes(tiled, 96), codes)
+
+
+def test_group_tiles_and_compact_scales():
+    per_group = torch.arange(3 * 8, dtype=torch.float32).reshape(3, 8)  # [G, N]
+    tiled = native.tile_groups(per_group, 4)
+    assert tiled.shape == (2, 4, 4)
+    assert float(tiled[1, 2, 3]) == float(per_group[2, 7]) and float(tiled[0, 3, 0]) == 0.0
+    assert native.compact_scales(torch.tensor([0.5, 1e-3], dtype=torch.float16)).dtype == torch.float16
+    assert native.compact_scales(torch.tensor([0.1, 1e-9])).dtype == torch.float32
+
+
+@needs_native
+@pytest.mark.parametrize("scheme,shape", [(QuantScheme(4, 128, True), (576, 64)),  # 18 blocks, op group 64
+                                          (QuantScheme(4, 32, False), (96, 32)),  # op group 32, odd block count
+                                          (QuantScheme(2, 64, False), (256, 48)),
+                                          (QuantScheme(4, -1, True), (512, 16))])
+def test_w4a8_is_exact_against_int8_activation_emulation(scheme, shape):
+    layer = make_layer(*shape, scheme, asym_extreme=not scheme.sym)
+    x = torch.randn(5, shape[0], generator=torch.Generator().manual_seed(3))
+    x[1, :32] = 0  # an all-zero block
+    x[2, 40] = 50.0  # an outlier dominating its block
+    ref = w4a8_reference(layer, x)
+    y = native.W4A8Kernel(layer)(x)
+    assert y.dtype == torch.float32
+    assert rel_err(y, ref) < 2e-6
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4a8_half_inputs_and_outputs_are_exact_up_to_one_rounding(dtype):
+    layer = make_layer(256, 64, QuantScheme(4, 64, True))
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(4)).to(dtype)
+    y = native.W4A8Kernel(layer)(x)
+    assert y.dtype == dtype
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(y.float(), w4a8_reference(layer, x).to(dtype).float(), rtol=eps, atol=1e-6)
+
+
 @needs_native
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [32, 128, -1])
 @pytest.mark.parametrize("sym", [True, False])
-@pytest.mark.parametrize("shape", [(64, 16), (256, 48), (576, 64), (512, 100 - 4)])
+@pytest.mark.parametrize("shape", [(64, 16), (256, 48), (576, 64), (512, 96), (96, 32)])
 def test_w4a8_matches_reference(bits, group_size, sym, shape):
     in_f, out_f = shape
     scheme = QuantScheme(bits, group_size, sym)
@@ -41,24 +104,66 @@ def test_w4a8_matches_reference(bits, group_size, sym, shape):
 
 
 @needs_native
-def test_w4a8_row_tail_and_zero_activations():
-    layer = make_layer(128, 16 * 5 + 16, QuantScheme(4, 32, False))  # 96 rows: chunks of 64 plus a tail
+def test_w4a8_float32_scales_path():
+    layer = make_layer(256, 32, QuantScheme(4, 32, False))
     kernel = native.W4A8Kernel(layer)
-    y = kernel(torch.zeros(2, 128))
-    torch.testing.assert_close(y, layer.bias.expand(2, -1), rtol=0, atol=1e-6)
-    check(native.W4A8Kernel, layer, torch.float32, m=2)
+    x = torch.randn(2, 256)
+    y16 = kernel(x)
+    kernel.scale = kernel.scale.float()
+    assert torch.equal(kernel(x), y16)
 
 
-def test_unavailable_native_falls_back(monkeypatch):
+@needs_native
+def test_w4a8_threads_batches_and_odd_inputs_agree():
+    layer = make_layer(512, 16 * 5, QuantScheme(4, 128, True))  # 80 rows: one chunk of 64 plus a tail
+    kernel = native.W4A8Kernel(layer)
+    x = torch.randn(9, 512, generator=torch.Generator().manual_seed(5))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(x)
+        torch.set_num_threads(2)
+        two = kernel(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+    rows = torch.cat([kernel(x[i]).unsqueeze(0) for i in range(9)])  # 1-D inputs, one row at a time
+    assert torch.equal(rows, one)
+    assert torch.equal(kernel(x.t().contiguous().t()), one)  # non-contiguous input
+    assert kernel(x[:0]).shape == (0, 80)
+    zeros = kernel(torch.zeros(2, 512))
+    torch.testing.assert_close(zeros, layer.bias.expand(2, -1), rtol=0, atol=1e-6)
+
+
+@needs_native
+def test_w4a8_follows_bias_changes():
+    layer = make_layer(128, 32, QuantScheme(4, 32, True))
+    kernel = native.W4A8Kernel(layer)
+    x = torch.randn(2, 128)
+    before = kernel(x)
+    layer.bias.data.add_(1.0)
+    torch.testing.assert_close(kernel(x), before + 1.0)
+    layer.to(torch.bfloat16)
+    assert kernel(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_unavailable_native_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_AUTOROUND_CACHE", str(tmp_path))
+    monkeypatch.setattr(native_build, "find_compiler", lambda: None)
     monkeypatch.setattr(native, "_lib", None)
-    monkeypatch.setattr(native, "_lib_error", "native kernel unavailable: no C compiler found")
-    from hf_autoround.backends import available_backends
-
+    monkeypatch.setattr(native, "_lib_error", None)
+    assert not native.available()
+    assert "no C compiler found" in native.why_unavailable()
     avail = available_backends()
     assert "cpu_w4a8" not in avail
-    spec = select_backend(QuantScheme(4, 128, True), 4096, 4096, "cpu", torch.bfloat16, "auto_round",
-                          avail - {"cpu_int4"})
-    assert spec.name == "torch"
+    spec = select_backend(QuantScheme(4, 128, True), 4096, 4096, "cpu", torch.bfloat16, "auto_round", avail)
+    assert spec.name == "cpu_int4"
     with pytest.raises(ValueError, match="no C compiler found"):
         select_backend(QuantScheme(4, 128, True), 4096, 4096, "cpu", torch.bfloat16, "auto_round", avail,
                        forced="cpu_w4a8")
+
+
+def test_failed_compile_says_why(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_AUTOROUND_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="compiling .* failed"):
+        native_build.build(native.SOURCE, "false")

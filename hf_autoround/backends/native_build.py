@@ -1,0 +1,87 @@
+"""Compile and load our C kernels (``kernels/*.c``) on first use.
+
+The source is compiled with the system C compiler (``CC``, else ``gcc`` / ``cc``) into the cache folder
+(``$HF_AUTOROUND_CACHE/kernels``, default ``~/.cache/hf_autoround/kernels``), named by a hash of source and flags,
+and loaded with ctypes. ctypes releases the GIL during a call; the library's OpenMP loops run on torch's libgomp
+(the same soname, already loaded by torch). No compiler, a failed build or a CPU without AVX2/FMA/F16C: loading
+raises ``RuntimeError`` saying why, and the backends that need the library report themselves unavailable. Nothing
+here runs at install time, so installing never needs a compiler.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+
+import torch
+
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+CPU_FLAGS = ("avx2", "fma", "f16c")
+
+
+def source_path(name: str) -> str:
+    """A kernel source: inside the package in a wheel install, in the checkout's kernels/ when editable."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    for path in (os.path.join(here, "csrc", name), os.path.join(here, "..", "..", "kernels", name)):
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    return os.path.join(here, "csrc", name)
+
+
+def cache_dir() -> str:
+    base = os.environ.get("HF_AUTOROUND_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "hf_autoround"))
+    return os.path.join(base, "kernels")
+
+
+def cpu_unfit() -> str | None:
+    """Why this CPU cannot run the AVX2 kernels, or None."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    if cap not in ("AVX2", "AVX512"):
+        return f"CPU capability {cap} (needs AVX2)"
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(next((line for line in f if line.startswith("flags")), "").split())
+    except OSError:
+        return None
+    missing = [c for c in CPU_FLAGS if flags and c not in flags]
+    return f"CPU lacks {'/'.join(missing)}" if missing else None
+
+
+def find_compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+
+
+def build(source: str, compiler: str | None) -> str:
+    """Path of the compiled shared library for ``source`` (compiled now unless cached); raises RuntimeError."""
+    if not compiler:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    with open(source, "rb") as f:
+        digest = hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(source))[0]
+    target = os.path.join(cache_dir(), f"{stem}-{digest}.so")
+    if os.path.isfile(target):
+        return target
+    os.makedirs(cache_dir(), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+    os.close(fd)
+    try:
+        proc = subprocess.run([compiler, *FLAGS, source, "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=300)
+        if proc.returncode:
+            raise RuntimeError(f"compiling {source} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(source: str, compiler: str | None = None) -> ctypes.CDLL:
+    """Check the CPU, compile ``source`` if needed and load it; raises RuntimeError saying why it cannot."""
+    reason = cpu_unfit()
+    if reason:
+        raise RuntimeError(reason)
+    return ctypes.CDLL(build(source, compiler or find_compiler()))
