@@ -37,20 +37,26 @@ def weight_problem(weight: torch.Tensor, scheme) -> str | None:
     return None
 
 
-def apply_nonfinite_policy(model, plan, policy: str = "raise") -> None:
-    """Check every planned layer; raise, or move offenders to ``plan.kept_float``, per ``policy``."""
+def apply_nonfinite_policy(model, plan, policy: str = "raise", weights=None) -> None:
+    """Check every planned layer; raise, or move offenders to ``plan.kept_float``, per ``policy``.
+    ``weights``: an iterable of (layer name, weight) over the planned layers, for models whose weights are not all
+    in memory (read one at a time); None reads ``model.get_submodule(name).weight``."""
     if policy not in POLICIES:
         raise ValueError(f"on_nonfinite={policy!r} is invalid; expected one of {POLICIES}")
-    broken = {n: nonfinite_count(model.get_submodule(n).weight) for n in plan.quantized}
-    broken = {n: c for n, c in broken.items() if c}
+    if weights is None:
+        weights = ((n, model.get_submodule(n).weight) for n in plan.quantized)
+    broken, problems = {}, {}
+    for name, weight in weights:
+        count = nonfinite_count(weight)
+        if count:
+            broken[name] = count
+        elif not broken:
+            reason = weight_problem(weight, plan.quantized[name])
+            if reason:
+                problems[name] = reason
     if broken:
         raise NonFiniteError("the model has NaN/Inf weights, which no checkpoint should carry: " +
                              "; ".join(f"{n}: {c} values" for n, c in broken.items()))
-    problems = {}
-    for name, scheme in plan.quantized.items():
-        reason = weight_problem(model.get_submodule(name).weight, scheme)
-        if reason:
-            problems[name] = reason
     if not problems:
         return
     listing = "; ".join(f"{n}: {r}" for n, r in problems.items())

@@ -87,16 +87,25 @@ def bundled_float_dir(name: str = DEFAULT_MODEL) -> str:
     return target
 
 
-def load_model(name_or_path: str, dtype=None):
-    """(model, tokenizer) for a bundled name, a ``.gguf`` file or a local checkpoint folder."""
+def load_model(name_or_path: str, dtype=None, low_cpu_mem_usage: bool = False):
+    """(model, tokenizer) for a bundled name, a ``.gguf`` file or a local checkpoint folder.
+    ``low_cpu_mem_usage``: the transformer blocks stay in the folder's safetensors files until each is tuned
+    (:mod:`hf_autoround.tuning.lazy_blocks`); not for ``.gguf`` files."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name_or_path in BUNDLED:
         name_or_path = bundled_float_dir(name_or_path)
     if name_or_path.endswith(".gguf"):
+        if low_cpu_mem_usage:
+            raise ValueError(f"low_cpu_mem_usage=True reads safetensors checkpoints; {name_or_path!r} is a GGUF "
+                             f"file (convert it to a folder first, or drop low_cpu_mem_usage)")
         return load_gguf_as_float(name_or_path, dtype)
     if not os.path.isdir(name_or_path):
         raise FileNotFoundError(f"model={name_or_path!r}: not a bundled name ({sorted(BUNDLED)}), a .gguf file or "
                                 f"a local folder (no model hub is used)")
+    if low_cpu_mem_usage:
+        from .tuning.lazy_blocks import load_lazily
+
+        return load_lazily(name_or_path, dtype), AutoTokenizer.from_pretrained(name_or_path)
     model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype or "auto")
     return model.eval(), AutoTokenizer.from_pretrained(name_or_path)

@@ -82,7 +82,8 @@ def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, da
         raise ValueError("this model is already quantized")
     start = time.perf_counter()
     plan = plan_layers(model, config)
-    apply_nonfinite_policy(model, plan, on_nonfinite)
+    source = _weight_source(model)
+    apply_nonfinite_policy(model, plan, on_nonfinite, weights=source.planned_weights(plan))
     if gguf_format is not None:
         _quantize_on_gguf_grid(model, plan, config, gguf_format, tokenizer, dataset, progress, tuning_kwargs)
         logger.info("tuned %d layers on the %s grids in %.1f s", len(model.gguf_tuning.types), gguf_format,
@@ -90,13 +91,23 @@ def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, da
         return plan
     plan.log("quantizing")
     if config.iters == 0 and dataset is None:
-        rtn_quantize(model, plan, progress)
+        from .tuning.session import rtn_by_block
+
+        rtn_by_block(model, plan, progress)  # plain rtn_quantize for a model that is all in memory
     else:
         from .tuning import tune_model
 
         tune_model(model, plan, config, tokenizer=tokenizer, dataset=dataset, progress=progress, **tuning_kwargs)
     record_plan(config, plan)
     mark_quantized(model, config)
-    attach_default_kernels(model, config)
+    if source.keeps_blocks:  # low-memory mode: the blocks are on disk; kernels attach when they are materialised
+        attach_default_kernels(model, config)
     logger.info("quantized %d layers in %.1f s", len(plan.quantized), time.perf_counter() - start)
     return plan
+
+
+def _weight_source(model: nn.Module):
+    """Where the model's weights are: in memory, in its checkpoint files (low_cpu_mem_usage), or offloaded."""
+    from .tuning.weight_source import weight_source
+
+    return weight_source(model)

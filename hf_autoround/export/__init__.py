@@ -115,12 +115,30 @@ def subdir_name(fmt: str) -> str:
     return fmt.replace(":", "-")
 
 
+def _materialize_unless_streamed(model, names: list[str]) -> None:
+    """A model tuned with ``low_cpu_mem_usage=True`` keeps its blocks on disk; formats other than its own packing
+    need it in memory (packed: a fraction of the float model)."""
+    from ..tuning.lazy_blocks import lazy_blocks_of, materialize
+    from . import streaming
+
+    if lazy_blocks_of(model) is not None and not all(streaming.can_stream(model, n) for n in names):
+        logger.info("low_cpu_mem_usage: bringing the quantised blocks into memory to write %s", ",".join(names))
+        materialize(model)
+
+
+def _writer(model, name: str):
+    from . import streaming
+
+    return streaming.write if streaming.can_stream(model, name) else writer_for(name)
+
+
 def export_model(model, tokenizer, output_dir: str, formats="auto_round", overwrite: bool = False) -> dict:
     """Write ``model`` in each format; returns format -> directory written."""
     names = parse_formats(formats)
     targets = target_dirs(output_dir, names)
     for target in targets.values():
         check_output_dir(target, overwrite)
+    _materialize_unless_streamed(model, names)
     tuned_on = getattr(model, "gguf_tuning", None)
     for name in names:  # every format's own checks first: nothing is written unless all can be
         if tuned_on is not None:
@@ -128,6 +146,6 @@ def export_model(model, tokenizer, output_dir: str, formats="auto_round", overwr
         preflight(model, tokenizer, name)
     for name, target in targets.items():
         with atomic_directory(target, overwrite) as tmp:
-            writer_for(name)(model, tokenizer, tmp, name)
+            _writer(model, name)(model, tokenizer, tmp, name)
         logger.info("wrote %s checkpoint to %s", name, target)
     return targets

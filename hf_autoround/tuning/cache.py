@@ -107,7 +107,7 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationDa
         raise _Captured
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))  # meta: offloaded
     try:
         for i in range(data.nsamples):
             call = {"input_ids": data.input_ids[i:i + 1].to(device), "use_cache": False}

@@ -17,6 +17,7 @@ from .data import get_calibration_data
 from .opt_rtn import ActivationStats, search_scales
 from .options import TuningOptions
 from .report import BlockStats, Progress, TuningReport
+from .session import BlockSession
 from .signround import LayerParams, block_loss, tune_block, wrapped
 
 logger = logging.getLogger(__name__)
@@ -34,13 +35,15 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
     was_training = model.training
     model.eval()
     containers = [model.get_submodule(name) for name in plan.block_names]
+    session = BlockSession.open(model, plan, options, data)  # resume, low-memory and offloaded models
     bar = Progress(sum(len(c) for c in containers), progress, "SignRound" if config.iters else "RTN (optimised)")
     try:
         for name, container in zip(plan.block_names, containers):
-            _tune_container(model, name, container, plan, data, options, report, bar)
+            _tune_container(model, name, container, plan, data, options, report, bar, session)
     finally:
         bar.close()
         model.train(was_training)
+    session.close()
     if options.gguf is None:  # on a GGUF grid the writer quantises what lies outside the blocks
         _rtn_outside_blocks(model, plan)
     report.finish()
@@ -50,23 +53,27 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
     return report
 
 
-def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar) -> None:
+def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar,
+                    session: BlockSession) -> None:
     per_block = [_block_layers(plan, f"{name}.{i}") for i in range(len(container))]
     last = max((i for i, layers in enumerate(per_block) if layers), default=-1)
     if last < 0:
         bar.bar.update(len(container))
         return
     inputs = capture_block_inputs(model, container[0], data, options.cache_dtype)
-    fp_hidden = q_hidden = inputs.hidden
+    first, fp_hidden, q_hidden = session.restore(name, container, inputs, report, bar)
     for index, block in enumerate(container[:last + 1]):  # blocks after the last planned layer stay as they are
+        if index < first:  # finished by the run this one resumes
+            continue
         prefix, layers = f"{name}.{index}", per_block[index]
         stats = BlockStats(prefix, len(layers))
         start = time.perf_counter()
-        with _fp32_block(block):
+        with session.tuning(prefix, block), _fp32_block(block):
             fp_hidden, q_hidden = _process_block(model, block, prefix, layers, inputs, fp_hidden, q_hidden,
                                                  options, index, stats, plan.packing_format)
         stats.seconds = time.perf_counter() - start
         report.blocks.append(stats)
+        session.finished(name, index, block, layers, fp_hidden, q_hidden, stats)
         logger.debug("%s: loss %.4g -> %.4g (iter %d), output mse %.4g, %.1f s", prefix, stats.first_loss,
                      stats.best_loss, stats.best_iter, stats.output_mse, stats.seconds)
         bar.update(stats)

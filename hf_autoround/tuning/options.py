@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -12,8 +13,9 @@ logger = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
-# accepted for compatibility with the seed's API; they change nothing on a CPU-only run
-_NO_OP_KWARGS = ("low_gpu_mem_usage", "enable_torch_compile", "device", "device_map", "low_cpu_mem_usage")
+# accepted for compatibility with the seed's API; they change nothing on a CPU-only run (``device`` is checked; a
+# model dispatched with a ``device_map`` is recognised by its accelerate hooks, see ``offload``)
+_NO_OP_KWARGS = ("low_gpu_mem_usage", "enable_torch_compile", "device", "device_map")
 
 
 @dataclass
@@ -21,6 +23,8 @@ class TuningOptions:
     signround: SignRoundSettings
     nsamples: int = 128
     seqlen: int = 2048
+    resume_dir: str | None = None  # resume=True: where finished blocks are checkpointed (see ``resume``)
+    low_cpu_mem_usage: bool = False  # blocks read from the checkpoint files one at a time (see ``lazy_blocks``)
     enable_quanted_input: bool = True
     disable_opt_rtn: bool = False
     init_opt_rtn: bool = False  # start SignRound's min/max scales from the optimised-RTN search
@@ -45,7 +49,10 @@ class TuningOptions:
     @classmethod
     def from_config(cls, config, **kwargs) -> "TuningOptions":
         kwargs = dict(kwargs)
+        check_device(kwargs.get("device"))
         ignored = {k: kwargs.pop(k) for k in _NO_OP_KWARGS if k in kwargs}
+        resume_dir = _resume_dir(kwargs.pop("resume", False), kwargs.pop("resume_dir", None))
+        low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
         nblocks = kwargs.pop("nblocks", 1)
         if nblocks != 1:
             raise ValueError(f"nblocks={nblocks!r}: only nblocks=1 (one block at a time) is implemented")
@@ -66,7 +73,37 @@ class TuningOptions:
         )
         if kwargs:
             raise TypeError(f"unknown tuning arguments: {sorted(kwargs)}")
+        options.resume_dir, options.low_cpu_mem_usage = resume_dir, low_cpu_mem_usage
         return options
+
+
+def _resume_dir(resume, resume_dir) -> str | None:
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume={resume!r} must be True or False")
+    if resume_dir is not None and not isinstance(resume_dir, (str, os.PathLike)):
+        raise ValueError(f"resume_dir={resume_dir!r} must be a directory path")
+    if resume and not resume_dir:
+        raise ValueError("resume=True needs resume_dir=<directory> (AutoRound.quantize_and_save and the CLI "
+                         "default it to '<output_dir>.resume')")
+    if resume_dir and not resume:
+        raise ValueError(f"resume_dir={resume_dir!r} is given but resume=False; pass resume=True to checkpoint "
+                         f"and resume there")
+    return os.fspath(resume_dir) if resume else None
+
+
+def check_device(device) -> None:
+    """``device``: None, "auto", "cpu", or a CUDA/XPU device name; this build tunes on the CPU, so an accelerator
+    that is not there is an error and one that is there is only reported."""
+    if device is None or str(device) in ("auto", "cpu"):
+        return
+    name = str(device)
+    kind = name.split(":")[0]
+    if kind not in ("cuda", "xpu", "mps", "hpu"):
+        raise ValueError(f"device={device!r}: expected 'cpu', 'auto' or an accelerator such as 'cuda:0'")
+    backend = getattr(torch, kind, None)
+    if backend is None or not backend.is_available():
+        raise ValueError(f"device={device!r}: no {kind} device is available on this machine; use device='cpu'")
+    logger.warning("device=%r: this build tunes on the CPU; the model stays where it is", device)
 
 
 def _positive_int(name, value) -> int:
