@@ -7,6 +7,7 @@ reference, ``output_dir`` is used exactly as given (no sub-folder is added).
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -42,6 +43,11 @@ def parse_scheme(scheme: str | None) -> dict:
     return out
 
 
+def default_resume_dir(output_dir: str) -> str:
+    """``<output_dir>.resume``: a sibling, so that the output directory itself stays empty until the save."""
+    return os.path.abspath(output_dir).rstrip(os.sep) + ".resume"
+
+
 def build_extra_config(layer_config: dict | None, fp_layers) -> dict:
     """``layer_config`` (name/substring/regex -> overrides; an int means bits) and ``fp_layers`` -> extra_config."""
     extra = {}
@@ -67,6 +73,12 @@ class AutoRound:
     may be omitted). ``recipe``: "default", "best", "light" or "rtn" (explicit arguments win). ``dataset``: see
     :mod:`hf_autoround.tuning.data` (None = the bundled English set). ``device``, ``low_gpu_mem_usage`` and
     ``enable_torch_compile`` are accepted for compatibility; this build runs on the CPU.
+
+    ``resume=True``: checkpoint every finished block to ``resume_dir`` (``quantize_and_save`` defaults it to
+    ``<output_dir>.resume``) and, when it already holds a killed run with the same settings, model and data,
+    continue from its last finished block; the result is bit-identical to an uninterrupted run, and the directory
+    is deleted once the checkpoint is saved. ``low_cpu_mem_usage=True`` with ``model`` given as a checkpoint
+    folder: blocks are read from its safetensors files one at a time (peak memory about one block).
     """
 
     def __init__(self, model, tokenizer=None, bits: int | None = None, group_size: int | None = None,
@@ -79,7 +91,8 @@ class AutoRound:
         if isinstance(model, str):
             from .models import load_model
 
-            model, loaded_tokenizer = load_model(model)
+            lazy = bool(tuning_kwargs.get("low_cpu_mem_usage"))  # blocks stay in the files until tuned
+            model, loaded_tokenizer = load_model(model, low_cpu_mem_usage=lazy)
             tokenizer = tokenizer or loaded_tokenizer
         self.model, self.tokenizer, self.progress = model, tokenizer, progress
         explicit = dict(parse_scheme(scheme), bits=bits, group_size=group_size, sym=sym, iters=iters,
@@ -128,7 +141,12 @@ class AutoRound:
 
         if not self.quantized:
             raise ValueError("call quantize() before save_quantized(), or use quantize_and_save()")
-        return export_model(self.model, self.tokenizer, output_dir, format, overwrite=overwrite)
+        written = export_model(self.model, self.tokenizer, output_dir, format, overwrite=overwrite)
+        if self.settings.tuning.get("resume"):
+            from .tuning.resume import remove_resume_dir
+
+            remove_resume_dir(self.settings.tuning.get("resume_dir"))
+        return written
 
     def quantize_and_save(self, output_dir: str, format: str = "auto_round", overwrite: bool = False):
         """Quantise (packing as the first format asks, when it names a packing) and save; returns
@@ -138,6 +156,8 @@ class AutoRound:
 
         # unknown names, formats that cannot hold the scheme, non-empty targets: all fail before any tuning
         names = parse_formats(format, scheme=self.config, output_dir=output_dir, overwrite=overwrite)
+        if self.settings.tuning.get("resume") and not self.settings.tuning.get("resume_dir"):
+            self.settings.tuning["resume_dir"] = default_resume_dir(output_dir)
         first = names[0]
         if first != "auto_round" and first in KNOWN_FORMATS and self.config.packing_format is None:
             self.config.packing_format = first

@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", default="./tmp_autoround", help="where the checkpoint is written")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output_dir")
     p.add_argument("--device", default="cpu", help="device for tuning: cpu, cuda, cuda:1, ...")
+    p.add_argument("--resume", action="store_true",
+                   help="checkpoint every finished block and continue a killed run from its last finished block "
+                        "(same flags, same result, bit for bit); the checkpoints are deleted after the save")
+    p.add_argument("--resume_dir", default=None, help="where --resume keeps its checkpoints (default: "
+                                                      "<output_dir>.resume)")
+    p.add_argument("--low_cpu_mem_usage", action="store_true",
+                   help="read the blocks from the checkpoint files one at a time while tuning (peak memory about "
+                        "one block; the float model is not evaluated)")
     p.add_argument("--model_dtype", choices=("float32", "bfloat16", "float16"), default="float32",
                    help="dtype the float model is loaded in")
     p.add_argument("--seed", type=int, default=42, help="random seed (same seed, same checkpoint)")
@@ -85,6 +93,11 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     try:
         config = None if _eval_only(args, argv) else build_config(args)
+        from .tuning.options import check_device
+
+        check_device(args.device)
+        if args.resume_dir and not args.resume:
+            raise ValueError("--resume_dir is given without --resume")
         if config is not None:
             from .export import parse_formats
 

@@ -50,18 +50,26 @@ def run_job(args, config) -> EvalTable:
         table.add(os.path.basename(os.path.normpath(args.model)), evaluate(model, tokenizer, args))
         print(table.markdown())
         return table
-    model, tokenizer = load_model(args.model, _dtype(args.model_dtype))
-    if not args.disable_eval:
+    model, tokenizer = load_model(args.model, _dtype(args.model_dtype), low_cpu_mem_usage=args.low_cpu_mem_usage)
+    if not args.disable_eval and args.low_cpu_mem_usage:
+        logger.warning("--low_cpu_mem_usage: the float model is not evaluated (that would load it whole)")
+    elif not args.disable_eval:
         table.add("float", evaluate(model, tokenizer, args))
     start = time.perf_counter()
     tuning = TuningReport()
     uses_data = config.iters > 0 or args.dataset is not None
-    plan = quantize_model(model.to(args.device), config, tokenizer=tokenizer, dataset=args.dataset,
+    plan = quantize_model(_on_device(model, args.device), config, tokenizer=tokenizer, dataset=args.dataset,
+                          **(_scale_options(args) if uses_data else {}),
                           progress=not args.quiet, gguf_format=grid_target(args.format),
                           **({"report": tuning} if uses_data else {}))
     seconds = time.perf_counter() - start
     logger.info("quantisation took %.1f s", seconds)
-    targets = export_model(model.cpu(), tokenizer, args.output_dir, args.format, overwrite=args.overwrite)
+    targets = export_model(_on_device(model, "cpu"), tokenizer, args.output_dir, args.format,
+                           overwrite=args.overwrite)
+    if args.resume:
+        from .tuning.resume import remove_resume_dir
+
+        remove_resume_dir(_scale_options(args)["resume_dir"])
     first = next(iter(targets.values()))
     reloaded = _reload(first)
     files = write_report(build_report(plan, tuning, reloaded, seconds), first)
@@ -73,6 +81,23 @@ def run_job(args, config) -> EvalTable:
         table.save(first, figures=[f for f in files if f.endswith(".png")])
         print(table.markdown())
     return table
+
+
+def _scale_options(args) -> dict:
+    """--resume / --resume_dir / --low_cpu_mem_usage as tuning keyword arguments."""
+    from .autoround import default_resume_dir
+
+    out = {"low_cpu_mem_usage": True} if args.low_cpu_mem_usage else {}
+    if args.resume:
+        out.update(resume=True, resume_dir=args.resume_dir or default_resume_dir(args.output_dir))
+    return out
+
+
+def _on_device(model, device: str):
+    """``model.to(device)``, except for a low-memory model, whose blocks are on disk (it stays on the CPU)."""
+    from .tuning.lazy_blocks import lazy_blocks_of
+
+    return model if lazy_blocks_of(model) is not None else model.to(device)
 
 
 def _reload(path: str):

@@ -82,7 +82,7 @@ def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, da
         raise ValueError("this model is already quantized")
     start = time.perf_counter()
     plan = plan_layers(model, config)
-    source = _weight_source(model)
+    source = _weight_source(model, gguf_format)
     apply_nonfinite_policy(model, plan, on_nonfinite, weights=source.planned_weights(plan))
     if gguf_format is not None:
         _quantize_on_gguf_grid(model, plan, config, gguf_format, tokenizer, dataset, progress, tuning_kwargs)
@@ -106,8 +106,12 @@ def quantize_model(model: nn.Module, config: AutoRoundConfig, tokenizer=None, da
     return plan
 
 
-def _weight_source(model: nn.Module):
+def _weight_source(model: nn.Module, gguf_format: str | None):
     """Where the model's weights are: in memory, in its checkpoint files (low_cpu_mem_usage), or offloaded."""
     from .tuning.weight_source import weight_source
 
-    return weight_source(model)
+    source = weight_source(model)
+    if gguf_format is not None and not source.all_in_memory:
+        raise ValueError(f"gguf_format={gguf_format!r}: tuning on a GGUF file's grids needs the whole model in "
+                         f"memory (not low_cpu_mem_usage=True, not offloaded by a device_map)")
+    return source

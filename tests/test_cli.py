@@ -98,6 +98,24 @@ def test_end_to_end_with_eval_writes_what_it_printed(tmp_path, capsys):
     report = json.load(open(out / "quality_report.json"))
     assert len(report["blocks"]) == 2 and report["blocks"][0]["loss_before"] > 0
     assert report["layers"]["model.layers.0.mlp.up_proj"]["backend"]
+    assert all(v["loss_rtn"] > 0 and v["loss_tuned"] > 0 for v in report["layers"].values())
     assert os.path.getsize(out / "quality_report.png") > 1000
     assert "quality_report.png" in (out / "eval.md").read_text()
     assert os.path.isfile(out / "model.safetensors") and os.path.isfile(out / "tokenizer.json")
+
+
+def test_resume_low_memory_and_device_flags_parse_and_are_checked(tmp_path, capsys):
+    args, _ = parse_args(["--resume", "--resume_dir", str(tmp_path / "r"), "--low_cpu_mem_usage"])
+    assert args.resume and args.resume_dir == str(tmp_path / "r") and args.low_cpu_mem_usage
+    args, _ = parse_args([])
+    assert not args.resume and args.resume_dir is None and not args.low_cpu_mem_usage
+    with pytest.raises(SystemExit):
+        parse_args(["--resume_dir", str(tmp_path / "r")])
+    assert "--resume_dir is given without --resume" in capsys.readouterr().err
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            parse_args(["--device", "cuda"])
+        assert "device='cuda': no cuda device is available" in capsys.readouterr().err
+
