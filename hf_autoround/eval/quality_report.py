@@ -1,6 +1,6 @@
 """The quality report written with every quantised checkpoint: per block, the tuning loss before (first step, i.e.
-the RTN starting point) and after (kept parameters), time; per layer, the scheme and the backend it loads with;
-totals (time, peak memory). Written as ``quality_report.json`` and a ``quality_report.png`` plot."""
+the RTN starting point) and after (kept parameters), time; per layer, the scheme, the backend it loads with and its
+output MSE with RTN and with the tuned parameters (``tuning.layer_loss``); totals (time, peak memory). Written as ``quality_report.json`` and a ``quality_report.png`` plot."""
 from __future__ import annotations
 
 import json
@@ -22,6 +22,9 @@ def build_report(plan, tuning_report, loaded_model=None, seconds: float | None =
               for name, s in plan.quantized.items()}
     blocks = []
     for b in getattr(tuning_report, "blocks", []):
+        for name, (rtn, tuned) in b.layer_losses.items():
+            if f"{b.name}.{name}" in layers:
+                layers[f"{b.name}.{name}"].update(loss_rtn=_num(rtn), loss_tuned=_num(tuned))
         blocks.append({"name": b.name, "loss_before": _num(b.first_loss), "loss_after": _num(b.best_loss),
                        "best_iter": b.best_iter, "output_mse": _num(b.output_mse), "seconds": b.seconds,
                        "layers": sorted(n for n in layers if n.startswith(b.name + "."))})
@@ -47,19 +50,19 @@ def write_report(report: dict, directory: str) -> list[str]:
     written = ["quality_report.json"]
     blocks = [b for b in report["blocks"] if b["loss_before"] is not None and b["loss_after"] is not None]
     if blocks:
-        _plot(blocks, os.path.join(directory, "quality_report.png"))
+        _plot(blocks, report["layers"], os.path.join(directory, "quality_report.png"))
         written.append("quality_report.png")
     return written
 
 
-def _plot(blocks: list[dict], path: str) -> None:
+def _plot(blocks: list[dict], layers: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     x = range(len(blocks))
-    fig, (ax_loss, ax_time) = plt.subplots(2, 1, figsize=(max(6, len(blocks) * 0.3), 6), sharex=True)
+    fig, (ax_loss, ax_time, ax_layers) = plt.subplots(3, 1, figsize=(max(6, len(blocks) * 0.3), 9))
     ax_loss.semilogy(x, [b["loss_before"] for b in blocks], "o-", label="before tuning (RTN)")
     ax_loss.semilogy(x, [b["loss_after"] for b in blocks], "o-", label="after tuning (kept)")
     ax_loss.set_ylabel("block output MSE")
@@ -69,6 +72,20 @@ def _plot(blocks: list[dict], path: str) -> None:
     ax_time.set_ylabel("seconds")
     ax_time.set_xlabel("block")
     ax_time.set_xticks(list(x)[:: max(1, len(blocks) // 30)])
+    _plot_layers(ax_layers, layers)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plot_layers(ax, layers: dict) -> None:
+    """Per layer (in model order), tuned output MSE relative to RTN's: below 1 = tuning helped that layer."""
+    rows = [(n, v["loss_tuned"] / v["loss_rtn"]) for n, v in layers.items()
+            if v.get("loss_rtn") and v.get("loss_tuned") is not None]
+    if not rows:
+        ax.set_visible(False)
+        return
+    ax.semilogy(range(len(rows)), [r for _, r in rows], ".")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_ylabel("layer MSE tuned / RTN")
+    ax.set_xlabel("quantised layer (model order)")

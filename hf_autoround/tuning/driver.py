@@ -14,6 +14,7 @@ from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
 from .cache import BlockInputs, capture_block_inputs, run_block
 from .data import get_calibration_data
+from .layer_loss import FirstInputs, layer_losses
 from .opt_rtn import ActivationStats, search_scales
 from .options import TuningOptions
 from .report import BlockStats, Progress, TuningReport
@@ -104,7 +105,9 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     result = tune_block(block, layers, inputs, tuned_on, targets, options.block_settings(index), init)
     stats.first_loss, stats.best_loss, stats.best_iter = result.first_loss, result.best_loss, result.best_iter
     with wrapped(block, layers, result.params):
-        q_out = run_block(block, inputs, tuned_on, batch, compute, store)
+        with FirstInputs(block, layers) as seen:
+            q_out = run_block(block, inputs, tuned_on, batch, compute, store)
+        stats.layer_losses = layer_losses(block, seen.inputs, layers)
     stats.output_mse = float(block_loss(q_out, targets, inputs.token_mask))
     if options.gguf is not None:
         _store_grid_block(block, prefix, layers, result.params, options.gguf)

@@ -28,6 +28,8 @@ class BlockStats:
     best_iter: int = -1
     output_mse: float = float("nan")  # final quantized block output vs float target, all samples
     seconds: float = 0.0
+    # layer name (relative to the block) -> (output MSE with RTN parameters, with the kept ones); see layer_loss
+    layer_losses: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def reduction(self) -> float:
