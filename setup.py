@@ -1,8 +1,8 @@
 """Build script: everything declarative lives in setup.cfg.
 
 What setup.cfg cannot say: "install this .pth file at the top of site-packages" (how the transformers plugin
-registers itself in a fresh interpreter, see hf_autoround_autoload.py) and "ship kernels/*.c inside the package"
-(sources of the native kernels, compiled on first use). build_py copies both into the build tree of a wheel.
+registers itself in a fresh interpreter, see hf_autoround_autoload.py) and "ship kernels/*.c and *.h inside the
+package" (sources of the native kernels, compiled on first use). build_py copies both into the build tree of a wheel.
 """
 import os
 import shutil
@@ -26,7 +26,7 @@ class BuildPyWithPth(build_py):
         files = [(os.path.join(here, PTH_NAME), os.path.join(self.build_lib, PTH_NAME))]
         kernels = os.path.join(here, "kernels")
         for name in sorted(os.listdir(kernels)):
-            if name.endswith(".c"):
+            if name.endswith((".c", ".h")):
                 files.append((os.path.join(kernels, name),
                               os.path.join(self.build_lib, "hf_autoround", "backends", "csrc", name)))
         return files

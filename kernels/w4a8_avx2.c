@@ -13,8 +13,10 @@
  * dot() is exact in integers: _mm256_maddubs_epi16 multiplies the unsigned codes (<= 15) by the signed int8
  * activations; two of them added stay below 2 * 2 * 15 * 127 < 2^15.
  *
- * Threads: the caller and (threads - 1) OpenMP threads take chunks of CHUNK_TILES tiles dynamically.
+ * Threads (pool.h): the caller and up to threads - 1 workers claim chunks of CHUNK_TILES tiles one at a time.
  */
+#include "pool.h"
+
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -233,6 +235,26 @@ static void *get_scratch(size_t n) {
     return scratch;
 }
 
+typedef struct {
+    const weights_t *w;
+    const acts_t *a;
+    const void *x;
+    void *y;
+    int dt;
+} job_t;
+
+static void quantize_item(const void *ctx, int64_t m) {
+    const job_t *j = ctx;
+    const size_t elt = j->dt == DT_F32 ? 4 : 2;
+    quantize_row((const char *)j->x + m * j->w->K * elt, j->dt, j->w, (int8_t *)j->a->xq + m * j->w->np * PAIR,
+                 (float *)j->a->xd + m * j->w->np * 8, (float *)j->a->xsum + m * j->w->Gp);
+}
+
+static void chunk_item(const void *ctx, int64_t c) {
+    const job_t *j = ctx;
+    run_chunk(j->w, j->a, c, j->y, j->dt);
+}
+
 /* y[M, N] (dtype dt) = x[M, K] (dtype dt) W^T + bias. Returns 0, or -1 when scratch memory cannot be had. */
 int w4a8_linear(const uint8_t *wq, const void *scale, const int8_t *zero, const float *bias, int64_t N, int64_t K,
                 int64_t gb, int scale_f32, const void *x, void *y, int64_t M, int dt, int threads) {
@@ -242,18 +264,29 @@ int w4a8_linear(const uint8_t *wq, const void *scale, const int8_t *zero, const 
     char *buf = get_scratch(xq_bytes + xd_bytes + (size_t)(M * Gp) * sizeof(float));
     if (!buf) return -1;
     const acts_t a = {(int8_t *)buf, (float *)(buf + xq_bytes), (float *)(buf + xq_bytes + xd_bytes), M};
-    const size_t elt = dt == DT_F32 ? 4 : 2;
-    const int64_t n_chunks = (N / TILE + CHUNK_TILES - 1) / CHUNK_TILES;
-    if (threads < 1) threads = 1;
-    if (threads > n_chunks) threads = (int)n_chunks;
-#pragma omp parallel num_threads(threads) if (threads > 1)
-    {
-#pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++)
-            quantize_row((const char *)x + m * K * elt, dt, &w, (int8_t *)a.xq + m * np * PAIR,
-                         (float *)a.xd + m * np * 8, (float *)a.xsum + m * Gp);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t c = 0; c < n_chunks; c++) run_chunk(&w, &a, c, y, dt);
-    }
+    const job_t job = {&w, &a, x, y, dt};
+    pool_run(M >= 4 ? threads : 1, M, quantize_item, &job);
+    pool_run(threads, (N / TILE + CHUNK_TILES - 1) / CHUNK_TILES, chunk_item, &job);
     return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------------- self-test */
+typedef struct {
+    pthread_t caller;
+    int32_t *runs, *by_worker;
+    int sleep_us;
+} check_t;
+
+static void check_item(const void *ctx, int64_t i) {
+    const check_t *c = ctx;
+    __atomic_fetch_add(&c->runs[i], 1, __ATOMIC_RELAXED);
+    c->by_worker[i] = !pthread_equal(pthread_self(), c->caller);
+    if (c->sleep_us) usleep((useconds_t)c->sleep_us);
+}
+
+/* For tests: run n_items items on `threads` threads; runs[i] counts the executions of item i, by_worker[i] says
+ * whether a worker (not the caller) ran it. Each item sleeps sleep_us microseconds, giving workers time to join. */
+void w4a8_pool_check(int threads, int64_t n_items, int sleep_us, int32_t *runs, int32_t *by_worker) {
+    const check_t c = {pthread_self(), runs, by_worker, sleep_us};
+    pool_run(threads, n_items, check_item, &c);
 }

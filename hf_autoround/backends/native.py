@@ -52,12 +52,23 @@ def load_library():
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
             lib.w4a8_linear.argtypes = [p, p, p, p, i64, i64, i64, i32, p, p, i64, i32, i32]
             lib.w4a8_linear.restype = i32
+            lib.w4a8_pool_check.argtypes = [i32, i64, i32, p, p]
+            lib.w4a8_pool_check.restype = None
             _lib = lib
             return lib
         except Exception as err:  # noqa: BLE001 - any failure means "not available"
             _lib_error = f"native kernel unavailable: {err}"
             logger.info(_lib_error)
             raise RuntimeError(_lib_error) from None
+
+
+def pool_check(threads: int, n_items: int, sleep_us: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the library's thread pool on trivial items: (executions per item, whether a worker ran it)."""
+    lib = load_library()
+    runs = torch.zeros(n_items, dtype=torch.int32)
+    by_worker = torch.zeros(n_items, dtype=torch.int32)
+    lib.w4a8_pool_check(threads, n_items, sleep_us, runs.data_ptr(), by_worker.data_ptr())
+    return runs, by_worker
 
 
 def available() -> bool:

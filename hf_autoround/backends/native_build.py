@@ -2,8 +2,8 @@
 
 The source is compiled with the system C compiler (``CC``, else ``gcc`` / ``cc``) into the cache folder
 (``$HF_AUTOROUND_CACHE/kernels``, default ``~/.cache/hf_autoround/kernels``), named by a hash of source and flags,
-and loaded with ctypes. ctypes releases the GIL during a call; the library's OpenMP loops run on torch's libgomp
-(the same soname, already loaded by torch). No compiler, a failed build or a CPU without AVX2/FMA/F16C: loading
+and loaded with ctypes. ctypes releases the GIL during a call; the library runs its own small thread pool
+(``kernels/pool.h``). No compiler, a failed build or a CPU without AVX2/FMA/F16C: loading
 raises ``RuntimeError`` saying why, and the backends that need the library report themselves unavailable. Nothing
 here runs at install time, so installing never needs a compiler.
 """
@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
 
 
@@ -54,12 +54,21 @@ def find_compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
 
 
+def _digest(source: str) -> str:
+    """Hash of the flags, the source and the headers beside it (what the library is built from)."""
+    h = hashlib.sha256(" ".join(FLAGS).encode())
+    folder = os.path.dirname(source)
+    for path in [source] + sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(".h")):
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def build(source: str, compiler: str | None) -> str:
     """Path of the compiled shared library for ``source`` (compiled now unless cached); raises RuntimeError."""
     if not compiler:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    with open(source, "rb") as f:
-        digest = hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    digest = _digest(source)
     stem = os.path.splitext(os.path.basename(source))[0]
     target = os.path.join(cache_dir(), f"{stem}-{digest}.so")
     if os.path.isfile(target):
@@ -68,8 +77,8 @@ def build(source: str, compiler: str | None) -> str:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
     os.close(fd)
     try:
-        proc = subprocess.run([compiler, *FLAGS, source, "-o", tmp, "-lm"], capture_output=True, text=True,
-                              timeout=300)
+        command = [compiler, *FLAGS, "-I", os.path.dirname(source), source, "-o", tmp, "-lm"]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=300)
         if proc.returncode:
             raise RuntimeError(f"compiling {source} failed: {proc.stderr.strip()[-500:]}")
         os.replace(tmp, target)

@@ -136,6 +136,18 @@ def test_w4a8_threads_batches_and_odd_inputs_agree():
 
 
 @needs_native
+def test_pool_runs_every_item_once_and_workers_join():
+    runs, by_worker = native.pool_check(threads=1, n_items=50)
+    assert runs.eq(1).all() and not by_worker.any()
+    runs, by_worker = native.pool_check(threads=3, n_items=40, sleep_us=2000)  # sleeping items let workers in
+    assert runs.eq(1).all()
+    assert by_worker.any()
+    for _ in range(200):  # many short jobs back to back: no item lost or run twice across generations
+        runs, _ = native.pool_check(threads=2, n_items=7)
+        assert runs.eq(1).all()
+
+
+@needs_native
 def test_w4a8_follows_bias_changes():
     layer = make_layer(128, 32, QuantScheme(4, 32, True))
     kernel = native.W4A8Kernel(layer)
