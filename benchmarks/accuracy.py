@@ -2,7 +2,8 @@
 (lambada, piqa, hellaswag, arc_easy, arc_challenge, winogrande), seed-model-card style, with the average.
 
 Each quantised model is saved and evaluated from disk through lm-eval's own ``hf`` model. Prints a table and
-writes JSON. Usage: python benchmarks/accuracy.py [--limit 300] [--iters 200] [--nsamples 128] [--seqlen 512]
+writes JSON after every model; ``--resume`` continues a run that stopped, from that JSON. Usage:
+python benchmarks/accuracy.py [--limit 300] [--iters 200] [--nsamples 128] [--seqlen 512] [--resume]
 """
 from __future__ import annotations
 
@@ -46,13 +47,18 @@ def main():
     ap.add_argument("--schemes", default="W4G128,W2G64")
     ap.add_argument("--eval_bs", type=int, default=16)
     ap.add_argument("--json", default="benchmarks/results/accuracy.json")
+    ap.add_argument("--resume", action="store_true", help="keep the columns --json already holds for the same "
+                    "settings and compute only the missing ones")
     args = ap.parse_args()
     tasks = ",".join(LOCAL_TASKS)
-    table, timings = EvalTable(), {}
-    table.add("float", task_rows(evaluate(bundled_float_dir(), tasks, args.eval_bs, args.limit)))
-    save(args, table, timings)
+    table, timings = resumed(args) if args.resume else (EvalTable(), {})
+    if "float" not in table.columns:
+        table.add("float", task_rows(evaluate(bundled_float_dir(), tasks, args.eval_bs, args.limit)))
+        save(args, table, timings)
     for scheme_name in args.schemes.split(","):
         for method, iters in (("RTN", 0), ("SignRound", args.iters)):
+            if f"{method} {scheme_name}" in table.columns:
+                continue
             model, tok = load_model("smollm2-135m")
             config = AutoRoundConfig(iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
                                      batch_size=args.batch_size, **SCHEMES[scheme_name])
@@ -68,6 +74,24 @@ def main():
           f"seqlen {args.seqlen}")
     print(table.markdown())
     print("quantisation seconds:", {k: round(v, 1) for k, v in timings.items()})
+
+
+SETTINGS = ("limit", "iters", "nsamples", "seqlen", "batch_size")
+
+
+def resumed(args) -> tuple[EvalTable, dict]:
+    """The table and timings of an earlier run of the same settings (empty when there is none)."""
+    if not os.path.isfile(args.json):
+        return EvalTable(), {}
+    with open(args.json) as f:
+        old = json.load(f)
+    if any(old["settings"].get(k) != getattr(args, k) for k in SETTINGS):
+        sys.exit(f"--resume: {args.json} was written with other settings ({old['settings']})")
+    table = EvalTable()
+    for column in old["columns"]:
+        table.add(column, {row: values[column] for row, values in old["rows"].items() if column in values})
+    print("resuming with", table.columns)
+    return table, dict(old["quantize_seconds"])
 
 
 def save(args, table: EvalTable, timings: dict) -> None:
