@@ -255,11 +255,20 @@ static void chunk_item(const void *ctx, int64_t c) {
     run_chunk(j->w, j->a, c, j->y, j->dt);
 }
 
+/* What the caller keeps per layer (built once, see native.py). */
+typedef struct {
+    const uint8_t *wq;
+    const void *scale;
+    const int8_t *zero;
+    int64_t N, K, gb;
+    int64_t scale_f32;
+} layer_t;
+
 /* y[M, N] (dtype dt) = x[M, K] (dtype dt) W^T + bias. Returns 0, or -1 when scratch memory cannot be had. */
-int w4a8_linear(const uint8_t *wq, const void *scale, const int8_t *zero, const float *bias, int64_t N, int64_t K,
-                int64_t gb, int scale_f32, const void *x, void *y, int64_t M, int dt, int threads) {
+int w4a8_linear(const layer_t *L, const float *bias, const void *x, void *y, int64_t M, int dt, int threads) {
+    const int64_t K = L->K, N = L->N, gb = L->gb;
     const int64_t np = (K + PAIR - 1) / PAIR, Gp = gb == 1 ? 2 * np : K / (BLOCK * gb);
-    const weights_t w = {wq, scale, zero, bias, N, K, gb, np, Gp, scale_f32};
+    const weights_t w = {L->wq, L->scale, L->zero, bias, N, K, gb, np, Gp, (int)L->scale_f32};
     const size_t xq_bytes = (size_t)(M * np * PAIR), xd_bytes = (size_t)(M * np * 8) * sizeof(float);
     char *buf = get_scratch(xq_bytes + xd_bytes + (size_t)(M * Gp) * sizeof(float));
     if (!buf) return -1;

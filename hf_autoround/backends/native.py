@@ -50,7 +50,7 @@ def load_library():
         try:
             lib = native_build.load(SOURCE)
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.w4a8_linear.argtypes = [p, p, p, p, i64, i64, i64, i32, p, p, i64, i32, i32]
+            lib.w4a8_linear.argtypes = [p, p, p, p, i64, i32, i32]
             lib.w4a8_linear.restype = i32
             lib.w4a8_pool_check.argtypes = [i32, i64, i32, p, p]
             lib.w4a8_pool_check.restype = None
@@ -149,6 +149,13 @@ def kernel_codes(qw):
 
 
 # ------------------------------------------------------------------------------------------------------ kernel
+class LayerDesc(ctypes.Structure):
+    """``layer_t`` of the C source: where a layer's repacked tensors are and their shape."""
+
+    _fields_ = [("wq", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("zero", ctypes.c_void_p),
+                ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("gb", ctypes.c_int64), ("scale_f32", ctypes.c_int64)]
+
+
 class W4A8Kernel:
     name = "cpu_w4a8"
 
@@ -165,6 +172,17 @@ class W4A8Kernel:
         self.zero = tile_groups(zeros.to(torch.int8), groups)
         self._bias_key = None
         self._bias = None
+        self._desc_for = (None, None, None)
+
+    def _desc_ptr(self) -> int:
+        """Address of the layer descriptor, rebuilt when one of the tensors it points to was replaced."""
+        wq, scale, zero = self._desc_for
+        if wq is not self.wq or scale is not self.scale or zero is not self.zero:
+            self._desc = LayerDesc(self.wq.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self.out_features,
+                                   self.in_features, self.blocks_per_group, self.scale.dtype == torch.float32)
+            self._desc_addr = ctypes.addressof(self._desc)
+            self._desc_for = (self.wq, self.scale, self.zero)
+        return self._desc_addr
 
     def _bias_ptr(self):
         bias = self.layer.bias
@@ -178,18 +196,19 @@ class W4A8Kernel:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         K, N = self.in_features, self.out_features
+        if x.shape[-1] != K:
+            raise ValueError(f"cpu_w4a8: expected {K} input features, got shape {tuple(x.shape)}")
         code = DTYPE_CODES.get(x.dtype)
         if code is None:
             raise TypeError(f"cpu_w4a8 takes float32/bfloat16/float16 activations, not {x.dtype}")
-        x2 = x.reshape(-1, K)
-        if not x2.is_contiguous():
-            x2 = x2.contiguous()
-        y = torch.empty(*x.shape[:-1], N, dtype=x.dtype)
-        if x2.shape[0] == 0:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        y = torch.empty(x.shape[:-1] + (N,), dtype=x.dtype)
+        M = x.numel() // K
+        if M == 0:
             return y
-        rc = self.lib.w4a8_linear(self.wq.data_ptr(), self.scale.data_ptr(), self.zero.data_ptr(), self._bias_ptr(),
-                                  N, K, self.blocks_per_group, self.scale.dtype == torch.float32, x2.data_ptr(),
-                                  y.data_ptr(), x2.shape[0], code, torch.get_num_threads())
+        rc = self.lib.w4a8_linear(self._desc_ptr(), self._bias_ptr(), x.data_ptr(), y.data_ptr(), M, code,
+                                  torch.get_num_threads())
         if rc:
             raise MemoryError("cpu_w4a8: no memory for the quantised activations")
         return y
