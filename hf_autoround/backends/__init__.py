@@ -91,6 +91,23 @@ def select_backend(scheme, in_features, out_features, device, dtype, packing_for
     return max(candidates, key=lambda b: b.priority)
 
 
+def explain_choice(scheme, in_features, out_features, device, dtype, packing_format, available,
+                   table=BACKENDS) -> str:
+    """Why ``select_backend`` (automatic choice) picks its backend for this layer, in words: the chosen row's reason
+    and, for every better-ranked row on this device, why it was passed over. Pure, like ``select_backend``."""
+    device_type = torch.device(device).type
+    args = (scheme, in_features, out_features, device_type, dtype, packing_format)
+    passed = []
+    for spec in sorted(table, key=lambda b: -b.priority):
+        reason = "not available" if spec.name not in available else spec.reason_unfit(*args)
+        if reason is None:
+            why = f"highest priority ({spec.priority}) that fits: {spec.why or spec.note}"
+            return why + (f"; passed over {'; '.join(passed)}" if passed else "")
+        if device_type in spec.devices:
+            passed.append(f"{spec.name} ({reason})")
+    return "nothing fits"
+
+
 def _kernel_class(spec: BackendSpec):
     module_name, class_name = spec.kernel.split(":")
     return getattr(importlib.import_module(module_name), class_name)
@@ -119,12 +136,23 @@ def attach_kernels(model: torch.nn.Module, forced: str | None = None, dtype=None
         plan.append((module, spec, act_dtype))
     chosen: Counter = Counter()
     dtypes: dict = {}
+    reasons: dict = {}
     for module, spec, act_dtype in plan:
         module.kernel = _kernel_class(spec)(module)
-        chosen[(module.spec.scheme.describe(), spec.name)] += 1
+        kind = module.spec.scheme.describe()
+        chosen[(kind, spec.name)] += 1
         dtypes.setdefault(spec.name, set()).add(act_dtype)
+        if (kind, spec.name) not in reasons:
+            reasons[(kind, spec.name)] = (f"forced by backend={forced!r}" if forced not in (None, "auto") else
+                                          explain_choice(module.spec.scheme, module.in_features, module.out_features,
+                                                         module.qweight.device, act_dtype, module.spec.packing_format,
+                                                         available))
     for (kind, backend), n in sorted(chosen.items()):
-        logger.info("backend %s for %d %s layers", backend, n, kind)
+        logger.info("backend %s for %d %s layers: %s", backend, n, kind, reasons[(kind, backend)])
+    if "cpu_w4a8" not in available and any(backend == "cpu_int4" for _, backend in chosen):
+        from . import native
+
+        logger.info("backend cpu_w4a8 not available: %s", native.why_unavailable())
     if "cpu_w4a8" in dtypes:
         logger.info("backend cpu_w4a8: activations are quantised to int8 per 32 inputs (llama.cpp Q8_0 style); "
                     "backend='cpu_int4' keeps bfloat16 activations")

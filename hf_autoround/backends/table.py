@@ -33,6 +33,7 @@ class BackendSpec:
     min_out_multiple: int = 1  # output features must be a multiple of this
     shape_rule: Callable | None = None  # (scheme, in_features, out_features) -> reason it cannot, or None
     note: str = ""
+    why: str = ""  # why it ranks where it does, for the log when it is chosen automatically
 
     def reason_unfit(self, scheme, in_features, out_features, device_type, dtype, packing_format) -> str | None:
         """None when this backend can run the layer, else a short reason."""
@@ -130,6 +131,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         kernel="hf_autoround.backends.gptqmodel_adapter:MarlinKernel",
         requires=("gptqmodel",),
         min_out_multiple=64,
+        note="gptqmodel's Marlin CUDA kernel",
     ),
     BackendSpec(
         name="gptqmodel_exllamav2",
@@ -143,6 +145,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         kernel="hf_autoround.backends.gptqmodel_adapter:ExllamaV2Kernel",
         requires=("gptqmodel",),
         min_out_multiple=32,
+        note="gptqmodel's ExLlamaV2 CUDA kernel",
     ),
     BackendSpec(
         name="gptqmodel_triton",
@@ -156,6 +159,7 @@ BACKENDS: tuple[BackendSpec, ...] = (
         kernel="hf_autoround.backends.gptqmodel_adapter:TritonKernel",
         requires=("gptqmodel", "triton"),
         min_out_multiple=32,
+        note="gptqmodel's Triton kernel",
     ),
     BackendSpec(
         name="ipex",
@@ -169,5 +173,6 @@ BACKENDS: tuple[BackendSpec, ...] = (
         kernel="hf_autoround.backends.gptqmodel_adapter:IPEXKernel",
         requires=("gptqmodel", "intel_extension_for_pytorch"),
         min_out_multiple=32,
+        note="gptqmodel's IPEX layer (intel-extension-for-pytorch)",
     ),
 )

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_autoround.backends import BACKENDS, available_backends, select_backend
+from hf_autoround.backends import BACKENDS, available_backends, explain_choice, select_backend
 from hf_autoround.scheme import QuantScheme
 
 ALL = frozenset(b.name for b in BACKENDS)
@@ -55,6 +55,22 @@ def test_native_kernel_is_opt_in():
     assert pick(available=ALL - {"ipex"}) == "cpu_int4"
     assert pick(available=ALL - {"ipex", "cpu_int4"}) == "cpu_w4a8"
     assert pick(forced="cpu_w4a8") == "cpu_w4a8"
+
+
+def explain(shape=(4096, 4096), available=CPU_ALL, bits=4):
+    return explain_choice(QuantScheme(bits, 128, True), *shape, "cpu", torch.bfloat16, FMT, available)
+
+
+def test_explanation_names_the_rule_and_what_was_passed_over():
+    chosen = pick(available=CPU_ALL)
+    spec = next(b for b in BACKENDS if b.name == chosen)
+    assert explain().startswith(f"highest priority ({spec.priority}) that fits: {spec.why or spec.note}")
+    assert "ipex (not available)" in explain()
+    assert "gptqmodel" not in explain()  # CUDA rows are not mentioned on CPU
+    narrow = explain(shape=(4096, 40))
+    assert narrow.startswith("highest priority (0) that fits") and "out_features 40 is not a multiple of 16" in narrow
+    assert "cpu_int8 (4-bit not in [8])" in narrow
+    assert explain(available=frozenset()) == "nothing fits"
 
 
 def test_this_machine_has_the_cpu_kernels():
