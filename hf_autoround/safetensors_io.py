@@ -13,6 +13,7 @@ at any instant leaves either the old file or the new one.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import sys
@@ -131,18 +132,25 @@ def read_header(path: str) -> tuple[dict[str, StoredTensor], dict[str, str]]:
     return tensors, metadata
 
 
-def read_tensor(stored: StoredTensor, handle=None) -> torch.Tensor:
-    """One tensor from its file, read into a new tensor (``handle``: an open binary file of that path, optional)."""
-    out = torch.empty(stored.shape, dtype=stored.dtype)
-    if _numel(stored.shape) * out.element_size() != stored.nbytes:
+def read_tensor(stored: StoredTensor, handle=None, own_mapping: bool = False) -> torch.Tensor:
+    """One tensor from its file, read into a new tensor (``handle``: an open binary file of that path, optional).
+    ``own_mapping``: the tensor gets an anonymous memory mapping of its own instead of malloc'd memory, so freeing
+    it returns its pages to the system at once and leaves no hole in the malloc heap (for big tensors that live
+    for one block: see ``tuning.lazy_blocks``)."""
+    if _numel(stored.shape) * _itemsize(stored.dtype) != stored.nbytes:
         raise ValueError(f"{stored.path}: a tensor's byte range does not match its shape and dtype")
     if stored.nbytes == 0:
-        return out
+        return torch.empty(stored.shape, dtype=stored.dtype)
+    if own_mapping:
+        buffer = mmap.mmap(-1, stored.nbytes)
+        out = torch.frombuffer(buffer, dtype=torch.uint8).view(stored.dtype).reshape(stored.shape)
+    else:
+        out = torch.empty(stored.shape, dtype=stored.dtype)
+        buffer = out.reshape(-1).view(torch.uint8).numpy()
     f = handle if handle is not None else open(stored.path, "rb")
     try:
         f.seek(stored.start)
-        view = out.reshape(-1).view(torch.uint8).numpy()
-        if f.readinto(view) != stored.nbytes:
+        if f.readinto(buffer) != stored.nbytes:
             raise ValueError(f"{stored.path} is truncated")
     finally:
         if handle is None:

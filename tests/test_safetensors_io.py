@@ -30,6 +30,7 @@ def test_written_files_read_back_exactly_by_safetensors_and_by_us(tmp_path):
     for key, t in tensors.items():
         assert back[key].dtype == t.dtype and torch.equal(back[key], t), key
         assert torch.equal(read_tensor(stored[key]), t), key
+        assert torch.equal(read_tensor(stored[key], own_mapping=True), t), key
     save_file(tensors, tmp_path / "lib.safetensors")  # and we read what the library writes
     theirs, _ = read_header(str(tmp_path / "lib.safetensors"))
     assert all(torch.equal(read_tensor(theirs[k]), t) for k, t in tensors.items())

@@ -34,3 +34,16 @@ def reuse_freed_memory() -> bool:
     except (OSError, AttributeError):
         logger.debug("mallopt is not available; allocator left as it is")
     return _done
+
+
+def return_free_memory() -> None:
+    """Give the malloc heap's free pages back to the system (glibc ``malloc_trim``). The low-memory mode calls it
+    once per block, after releasing it: with the thresholds above, freed memory otherwise stays resident, and heap
+    fragmentation made the resident size creep up block after block (measured: +230 MiB over 12 blocks of a
+    hidden-1024 Llama). Nothing happens off glibc."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from ..safetensors_io import StoredTensor, read_header, read_tensor
+from .allocator import return_free_memory
 from .block_store import BlockStore
 from .weight_source import WeightSource, assign_tensor
 
@@ -75,14 +76,15 @@ class CheckpointFiles:
         return read_tensor(self.find(key)).to(dtype)
 
     def read_many(self, keys: dict[str, torch.dtype]) -> dict[str, torch.Tensor]:
-        """Several tensors, opening each file once."""
+        """Several tensors, opening each file once. Tensors of 1 MiB and more get memory mappings of their own
+        (see ``read_tensor``): a block's weights, freed when the block is released, leave no heap holes behind."""
         located = {k: self.find(k) for k in keys}
         out = {}
         for path in sorted({s.path for s in located.values()}):
             with open(path, "rb") as f:
                 for key, stored in located.items():
                     if stored.path == path:
-                        out[key] = read_tensor(stored, f).to(keys[key])
+                        out[key] = read_tensor(stored, f, own_mapping=stored.nbytes >= 2**20).to(keys[key])
         return out
 
 
@@ -180,6 +182,7 @@ class LazyBlocks(WeightSource):
 
     def release(self, prefix: str, block: nn.Module) -> None:
         _to_meta(block)
+        return_free_memory()
 
     def load_outside_blocks(self) -> None:
         """Read every tensor outside the blocks; tied parameters (one tensor under several names) load once."""
