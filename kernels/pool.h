@@ -27,7 +27,9 @@
 typedef void (*pool_fn)(const void *ctx, int64_t item);
 
 #define POOL_MAX_THREADS 64
+#ifndef POOL_SPIN_NS
 #define POOL_SPIN_NS 200000 /* how long an idle worker keeps looking for work before it sleeps */
+#endif
 
 #define GEN_SHIFT 38 /* 26 bits of generation, 6 of invited workers, 16 of item count, 16 of next item */
 #define INV_SHIFT 32

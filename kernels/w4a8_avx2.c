@@ -13,9 +13,9 @@
  * dot() is exact in integers: _mm256_maddubs_epi16 multiplies the unsigned codes (<= 15) by the signed int8
  * activations; two of them added stay below 2 * 2 * 15 * 127 < 2^15.
  *
- * Threads (pool.h): the caller and up to threads - 1 workers claim chunks of CHUNK_TILES tiles one at a time.
+ * Threads (parallel.h): the caller and up to threads - 1 others take chunks of CHUNK_TILES tiles one at a time.
  */
-#include "pool.h"
+#include "parallel.h"
 
 #include <immintrin.h>
 #include <stdint.h>
@@ -264,8 +264,10 @@ typedef struct {
     int64_t scale_f32;
 } layer_t;
 
-/* y[M, N] (dtype dt) = x[M, K] (dtype dt) W^T + bias. Returns 0, or -1 when scratch memory cannot be had. */
-int w4a8_linear(const layer_t *L, const float *bias, const void *x, void *y, int64_t M, int dt, int threads) {
+/* y[M, N] (dtype dt) = x[M, K] (dtype dt) W^T + bias on `threads` threads of the given parallel.h mode.
+ * Returns 0, or -1 when scratch memory cannot be had. */
+int w4a8_linear(const layer_t *L, const float *bias, const void *x, void *y, int64_t M, int dt, int threads,
+                int mode) {
     const int64_t K = L->K, N = L->N, gb = L->gb;
     const int64_t np = (K + PAIR - 1) / PAIR, Gp = gb == 1 ? 2 * np : K / (BLOCK * gb);
     const weights_t w = {L->wq, L->scale, L->zero, bias, N, K, gb, np, Gp, (int)L->scale_f32};
@@ -274,8 +276,8 @@ int w4a8_linear(const layer_t *L, const float *bias, const void *x, void *y, int
     if (!buf) return -1;
     const acts_t a = {(int8_t *)buf, (float *)(buf + xq_bytes), (float *)(buf + xq_bytes + xd_bytes), M};
     const job_t job = {&w, &a, x, y, dt};
-    pool_run(M >= 4 ? threads : 1, M, quantize_item, &job);
-    pool_run(threads, (N / TILE + CHUNK_TILES - 1) / CHUNK_TILES, chunk_item, &job);
+    parallel_run(mode, M >= 4 ? threads : 1, M, quantize_item, &job);
+    parallel_run(mode, threads, (N / TILE + CHUNK_TILES - 1) / CHUNK_TILES, chunk_item, &job);
     return 0;
 }
 
@@ -293,9 +295,10 @@ static void check_item(const void *ctx, int64_t i) {
     if (c->sleep_us) usleep((useconds_t)c->sleep_us);
 }
 
-/* For tests: run n_items items on `threads` threads; runs[i] counts the executions of item i, by_worker[i] says
- * whether a worker (not the caller) ran it. Each item sleeps sleep_us microseconds, giving workers time to join. */
-void w4a8_pool_check(int threads, int64_t n_items, int sleep_us, int32_t *runs, int32_t *by_worker) {
+/* For tests: run n_items items on `threads` threads of parallel.h `mode`; runs[i] counts the executions of item i,
+ * by_worker[i] says whether another thread than the caller ran it. Each item sleeps sleep_us microseconds, giving
+ * the other threads time to join. */
+void w4a8_parallel_check(int mode, int threads, int64_t n_items, int sleep_us, int32_t *runs, int32_t *by_worker) {
     const check_t c = {pthread_self(), runs, by_worker, sleep_us};
-    pool_run(threads, n_items, check_item, &c);
+    parallel_run(mode, threads, n_items, check_item, &c);
 }

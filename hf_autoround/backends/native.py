@@ -33,6 +33,9 @@ BLOCK = 32  # inputs per activation scale
 PAIR = 64  # inputs per unit of the weight stream (two blocks)
 TILE = 4  # output rows per tile
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# kernels/parallel.h: "openmp" = torch's OpenMP team, "pool" = our work-claiming pool, "auto" = the pool while the
+# machine is oversubscribed (1-minute load average above the usable cores + 0.5), else OpenMP
+THREADING = {"auto": 0, "openmp": 1, "pool": 2}
 
 _lock = threading.Lock()
 _lib = None
@@ -50,10 +53,10 @@ def load_library():
         try:
             lib = native_build.load(SOURCE)
             p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.w4a8_linear.argtypes = [p, p, p, p, i64, i32, i32]
+            lib.w4a8_linear.argtypes = [p, p, p, p, i64, i32, i32, i32]
             lib.w4a8_linear.restype = i32
-            lib.w4a8_pool_check.argtypes = [i32, i64, i32, p, p]
-            lib.w4a8_pool_check.restype = None
+            lib.w4a8_parallel_check.argtypes = [i32, i32, i64, i32, p, p]
+            lib.w4a8_parallel_check.restype = None
             _lib = lib
             return lib
         except Exception as err:  # noqa: BLE001 - any failure means "not available"
@@ -62,12 +65,13 @@ def load_library():
             raise RuntimeError(_lib_error) from None
 
 
-def pool_check(threads: int, n_items: int, sleep_us: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the library's thread pool on trivial items: (executions per item, whether a worker ran it)."""
+def parallel_check(threading: str, threads: int, n_items: int, sleep_us: int = 0):
+    """Run trivial items the way the kernel runs its work: (executions per item, whether another thread than the
+    caller ran it), int32 tensors."""
     lib = load_library()
     runs = torch.zeros(n_items, dtype=torch.int32)
     by_worker = torch.zeros(n_items, dtype=torch.int32)
-    lib.w4a8_pool_check(threads, n_items, sleep_us, runs.data_ptr(), by_worker.data_ptr())
+    lib.w4a8_parallel_check(THREADING[threading], threads, n_items, sleep_us, runs.data_ptr(), by_worker.data_ptr())
     return runs, by_worker
 
 
@@ -157,10 +161,13 @@ class LayerDesc(ctypes.Structure):
 
 
 class W4A8Kernel:
+    """``threading``: how the kernel uses its ``torch.get_num_threads()`` threads, a key of ``THREADING``."""
+
     name = "cpu_w4a8"
 
-    def __init__(self, layer):
+    def __init__(self, layer, threading: str = "auto"):
         self.lib = load_library()
+        self.threading = THREADING[threading]
         self.layer = layer  # for the bias (it may change dtype with model.to)
         self.in_features, self.out_features = layer.in_features, layer.out_features
         codes, op_group, scales, zeros = kernel_codes(layer.unpack())
@@ -208,7 +215,7 @@ class W4A8Kernel:
         if M == 0:
             return y
         rc = self.lib.w4a8_linear(self._desc_ptr(), self._bias_ptr(), x.data_ptr(), y.data_ptr(), M, code,
-                                  torch.get_num_threads())
+                                  torch.get_num_threads(), self.threading)
         if rc:
             raise MemoryError("cpu_w4a8: no memory for the quantised activations")
         return y

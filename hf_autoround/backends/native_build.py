@@ -2,8 +2,8 @@
 
 The source is compiled with the system C compiler (``CC``, else ``gcc`` / ``cc``) into the cache folder
 (``$HF_AUTOROUND_CACHE/kernels``, default ``~/.cache/hf_autoround/kernels``), named by a hash of source and flags,
-and loaded with ctypes. ctypes releases the GIL during a call; the library runs its own small thread pool
-(``kernels/pool.h``). No compiler, a failed build or a CPU without AVX2/FMA/F16C: loading
+and loaded with ctypes. ctypes releases the GIL during a call; the library's threads are torch's OpenMP team (the
+same libgomp soname, already loaded by torch) or its own small pool (``kernels/parallel.h``). No compiler, a failed build or a CPU without AVX2/FMA/F16C: loading
 raises ``RuntimeError`` saying why, and the backends that need the library report themselves unavailable. Nothing
 here runs at install time, so installing never needs a compiler.
 """
@@ -18,7 +18,7 @@ import tempfile
 
 import torch
 
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-pthread", "-shared", "-fPIC", "-std=gnu11"]
 CPU_FLAGS = ("avx2", "fma", "f16c")
 
 

@@ -123,10 +123,11 @@ def test_w4a8_threads_batches_and_odd_inputs_agree():
         torch.set_num_threads(1)
         one = kernel(x)
         torch.set_num_threads(2)
-        two = kernel(x)
+        for mode in native.THREADING:
+            kernel.threading = native.THREADING[mode]
+            assert torch.equal(kernel(x), one), mode
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one, two)
     rows = torch.cat([kernel(x[i]).unsqueeze(0) for i in range(9)])  # 1-D inputs, one row at a time
     assert torch.equal(rows, one)
     assert torch.equal(kernel(x.t().contiguous().t()), one)  # non-contiguous input
@@ -136,14 +137,15 @@ def test_w4a8_threads_batches_and_odd_inputs_agree():
 
 
 @needs_native
-def test_pool_runs_every_item_once_and_workers_join():
-    runs, by_worker = native.pool_check(threads=1, n_items=50)
+@pytest.mark.parametrize("threading", ["pool", "openmp", "auto"])
+def test_parallel_runs_every_item_once_and_other_threads_join(threading):
+    runs, by_worker = native.parallel_check(threading, threads=1, n_items=50)
     assert runs.eq(1).all() and not by_worker.any()
-    runs, by_worker = native.pool_check(threads=3, n_items=40, sleep_us=2000)  # sleeping items let workers in
+    runs, by_worker = native.parallel_check(threading, threads=3, n_items=40, sleep_us=2000)  # let others join
     assert runs.eq(1).all()
     assert by_worker.any()
     for _ in range(200):  # many short jobs back to back: no item lost or run twice across generations
-        runs, _ = native.pool_check(threads=2, n_items=7)
+        runs, _ = native.parallel_check(threading, threads=2, n_items=7)
         assert runs.eq(1).all()
 
 
