@@ -45,8 +45,10 @@ def tuned_model(args, fmt, on_grid: bool):
     model, tokenizer = load_model(args.model, dtype=torch.float32)
     scheme = native_scheme(fmt)
     bits = dict(bits=scheme.bits, group_size=scheme.group_size, sym=scheme.sym) if scheme else {}
+    n_layers = model.config.num_hidden_layers
+    later = {f"model.layers.{i}.": {"bits": 16} for i in range(args.blocks or n_layers, n_layers)}
     config = AutoRoundConfig(iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
-                             **bits)
+                             extra_config=later, **bits)
     start = time.perf_counter()
     quantize_model(model, config, tokenizer=tokenizer, progress=args.progress,
                    gguf_format=f"gguf:{fmt}" if on_grid else None)
@@ -64,6 +66,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--blocks", type=int, default=0, help="tune only the first N blocks (0 = all); the writer "
+                   "rounds the rest to the grid, as in the plain file")
     p.add_argument("--compare-integer", action="store_true",
                    help="also tune the integer scheme and let the writer re-round it to the grid")
     p.add_argument("--llama-site", default=None, help="site-packages of a venv with llama-cpp-python")
