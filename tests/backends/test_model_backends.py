@@ -28,7 +28,7 @@ SCHEMES = {
     "awq": dict(bits=4, group_size=32, sym=False, packing_format="auto_round:auto_awq"),
 }
 NATIVE = "cpu_w4a8" in available_backends()
-LOW = "cpu_int4"
+LOW = "cpu_w4a8" if NATIVE else "cpu_int4"
 FAST = {2: LOW, 3: LOW, 4: LOW, 8: "cpu_int8"}  # what "auto" picks
 FORCEABLE = {2: ["cpu_int4", "cpu_w4a8"], 3: ["cpu_int4", "cpu_w4a8"], 4: ["cpu_int4", "cpu_w4a8"], 8: ["cpu_int8"]}
 
@@ -118,7 +118,11 @@ def test_log_names_backend_per_kind_of_layer(quantized_dirs, caplog):
     with caplog.at_level(logging.INFO, logger="hf_autoround"):
         load(dirs["w4g32"])
     assert f"backend {LOW} for" in caplog.text and "W4 g32 sym layers" in caplog.text
-    assert "rounded to bfloat16" in caplog.text
+    if NATIVE:  # says why: the rule, int8 activations, and how to keep bfloat16 ones
+        assert "highest priority (52) that fits: our AVX2 kernel" in caplog.text
+        assert "int8 activations" in caplog.text and "backend='cpu_int4'" in caplog.text
+    else:
+        assert "rounded to bfloat16" in caplog.text and "backend cpu_w4a8 not available" in caplog.text
 
 
 def test_forced_unknown_backend_raises(quantized_dirs):

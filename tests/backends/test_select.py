@@ -21,10 +21,11 @@ def test_names_are_unique():
     assert len({b.name for b in BACKENDS}) == len(BACKENDS)
 
 
-@pytest.mark.parametrize("bits,expected", [(2, "cpu_int4"), (3, "cpu_int4"), (4, "cpu_int4"), (8, "cpu_int8")])
+@pytest.mark.parametrize("bits,expected", [(2, "cpu_w4a8"), (3, "cpu_w4a8"), (4, "cpu_w4a8"), (8, "cpu_int8")])
 def test_cpu_choices(bits, expected):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         assert pick(bits, dtype=dtype, available=CPU_ALL) == expected
+        assert pick(bits, dtype=dtype, available=CPU_ALL - {"cpu_w4a8"}) == expected.replace("cpu_w4a8", "cpu_int4")
 
 
 def test_fallbacks_to_reference():
@@ -48,13 +49,15 @@ def test_forced_errors_name_the_reason_and_alternatives():
         pick(forced="cpu_int4", available=frozenset({"torch"}))
     with pytest.raises(ValueError, match=r"device cpu not in \['cuda'\]"):
         pick(forced="gptqmodel_marlin")
-    assert pick(forced="torch") == "torch" and pick(forced="auto", available=CPU_ALL) == "cpu_int4"
+    assert pick(forced="torch") == "torch" and pick(forced="auto", available=CPU_ALL) == "cpu_w4a8"
 
 
-def test_native_kernel_is_opt_in():
-    assert pick(available=ALL - {"ipex"}) == "cpu_int4"
-    assert pick(available=ALL - {"ipex", "cpu_int4"}) == "cpu_w4a8"
-    assert pick(forced="cpu_w4a8") == "cpu_w4a8"
+def test_native_kernel_is_the_default_and_cpu_int4_its_fallback():
+    assert pick(available=ALL - {"ipex"}) == "cpu_w4a8"
+    assert pick(available=ALL - {"ipex", "cpu_w4a8"}) == "cpu_int4"
+    assert pick(forced="cpu_int4", available=CPU_ALL) == "cpu_int4"  # the way to keep bfloat16 activations
+    assert pick(available=ALL) == "ipex"  # IPEX, when it imports, still ranks first on CPU
+    assert "cpu_w4a8 (not available)" in explain(available=CPU_ALL - {"cpu_w4a8"})
 
 
 def explain(shape=(4096, 4096), available=CPU_ALL, bits=4):
