@@ -96,16 +96,18 @@ static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
 }
 
 /* --------------------------------------------------------------------------------- activation quantisation */
-/* One block of 32 inputs (zeros past K) -> 32 int8 codes in input order; returns d, sets *qsum. */
+/* One block of 32 inputs (zeros past K) -> 32 int8 codes in input order; returns d, sets *qsum. A NaN input gives
+ * d = NaN (an infinite one d = inf), so that the outputs it touches are NaN, as in a float product. */
 static inline float quantize_block(const void *x, int dt, int64_t start, int64_t K, __m256i *codes, int32_t *qsum) {
     __m256 v[4];
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    __m256 amax = _mm256_setzero_ps();
+    __m256 amax = _mm256_setzero_ps(), nan = _mm256_setzero_ps();
     for (int j = 0; j < 4; j++) {
         v[j] = start + 8 * j < K ? load8(x, dt, start + 8 * j) : _mm256_setzero_ps();
         amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v[j]));
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(v[j], v[j], _CMP_UNORD_Q));
     }
-    const float m = hmax(amax);
+    const float m = _mm256_movemask_ps(nan) ? __builtin_nanf("") : hmax(amax);
     const __m256 id = _mm256_set1_ps(m > 0.f ? 127.f / m : 0.f);
     __m256i q[4];
     for (int j = 0; j < 4; j++) q[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], id));

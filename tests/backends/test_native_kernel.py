@@ -150,6 +150,15 @@ def test_parallel_runs_every_item_once_and_other_threads_join(threading):
 
 
 @needs_native
+def test_w4a8_non_finite_inputs_give_non_finite_outputs():
+    layer = make_layer(128, 16, QuantScheme(4, 32, True))
+    x = torch.randn(3, 128)
+    x[0, 5], x[1, 100] = float("nan"), float("inf")
+    y = native.W4A8Kernel(layer)(x)
+    assert y[0].isnan().all() and not y[1].isfinite().any() and y[2].isfinite().all()
+
+
+@needs_native
 def test_w4a8_follows_bias_changes():
     layer = make_layer(128, 32, QuantScheme(4, 32, True))
     kernel = native.W4A8Kernel(layer)
