@@ -3,9 +3,9 @@ where this one stopped and end with exactly the checkpoint an uninterrupted run 
 
 ``resume_dir`` holds:
 
-- ``manifest.json``: the run's fingerprint (settings, software versions, model layout, calibration data), per block
-  list the hash of the block inputs, and per finished block the hash of its float weights and its tuning stats;
-  ``hidden`` names the current hidden-state file;
+- ``manifest.json``: the run's fingerprint (settings, software versions, model layout, calibration data), for each
+  list of blocks the hash of its first block's captured inputs, and per finished block the hash of its float
+  weights and its tuning stats; ``hidden`` names the current hidden-state file;
 - ``block-<prefix>.safetensors``: the packed layers of each finished block (:class:`~.block_store.BlockStore`);
 - ``hidden-<blocks>-<n>.safetensors``: the float and the quantized inputs of block ``n`` and torch's RNG state.
 
@@ -13,7 +13,8 @@ After block ``n`` finishes: its block file, then ``hidden-...-<n+1>``, then the 
 temporary file renamed into place; the manifest's rename is the commit. Only then is the previous hidden file
 deleted. A kill at any instant therefore leaves a manifest whose files all exist; files it does not name (a block
 written just before the kill, temporary files) are ignored and replaced. Every block seeds its own sampler from
-``seed + block index``, so a restored run repeats exactly what the killed run would have done.
+``seed + block index`` and torch's RNG state is restored, so a restored run repeats exactly what the killed run
+would have done.
 
 A directory written by a different run (other settings, model, data or software) is refused, naming what differs.
 """

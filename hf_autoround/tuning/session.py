@@ -35,7 +35,7 @@ class BlockSession:
     def open(cls, model: nn.Module, plan, options=None, data=None) -> "BlockSession":
         source = weight_source(model)
         resume_dir = getattr(options, "resume_dir", None)
-        if getattr(options, "low_cpu_mem_usage", False) and source.keeps_blocks:
+        if getattr(options, "low_cpu_mem_usage", False) and source.all_in_memory:
             logger.warning("low_cpu_mem_usage=True has no effect on a model that is already in memory; give the "
                            "model as a checkpoint folder (AutoRound(path, ...), the CLI) or load it with "
                            "hf_autoround.models.load_model(path, low_cpu_mem_usage=True)")
