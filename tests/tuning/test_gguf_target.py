@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from tuning_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 from conftest import FIXTURES
 
@@ -17,14 +18,6 @@ from hf_autoround.tuning import TuningReport
 
 FLOAT = os.path.join(FIXTURES, "float")
 FMT = "gguf:q4_k_m"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _float_model():
