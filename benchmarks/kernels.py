@@ -38,7 +38,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from hf_autoround import AutoRoundConfig  # noqa: E402
-from hf_autoround.backends import attach_kernels  # noqa: E402
+from hf_autoround.backends import attach_kernels, native  # noqa: E402
 from hf_autoround.qdq import quantize_weight  # noqa: E402
 from hf_autoround.quant_linear import QuantLinear  # noqa: E402
 from hf_autoround.scheme import QuantScheme  # noqa: E402
@@ -124,9 +124,11 @@ def _dense_pool(in_f, out_f, dtype, pool_gib):
     return [lambda x, w=w_: F.linear(x, w) for w_ in pool], w.numel() * w.element_size()
 
 
-def _kernel_pool(in_f, out_f, scheme, forced, pool_gib):
+def _kernel_pool(in_f, out_f, scheme, forced, pool_gib, build=None):
     layer = make_quant_layer(in_f, out_f, scheme, forced=forced)
     kernel = layer.kernel
+    if build is not None:  # another instruction-set build of our native kernel
+        kernel.lib = native.load_variant(build)
     nbytes = tensor_bytes(kernel)
     n = max(2, int(pool_gib * GIB // nbytes) + 1)
     return [kernel] + [clone_kernel(kernel) for _ in range(n - 1)], nbytes, kernel.name
@@ -141,6 +143,9 @@ def layer_candidates(in_f, out_f, pool_gib):
     for label, scheme, forced in LAYER_KERNELS:
         fns, nbytes, backend = _kernel_pool(in_f, out_f, scheme, forced, pool_gib)
         out.append((f"{label} {backend}", torch.bfloat16, fns, nbytes))
+    if native.available() and native.instruction_set() != "avx2":  # what the VNNI build gains, side by side
+        fns, nbytes, backend = _kernel_pool(in_f, out_f, SCHEMES["W4G128"], "cpu_w4a8", pool_gib, build="avx2")
+        out.append((f"W4G128 {backend} (avx2 build)", torch.bfloat16, fns, nbytes))
     return out
 
 
@@ -399,9 +404,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     info = dict(torch=torch.__version__, threads=torch.get_num_threads(), command=" ".join(sys.argv),
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), machine=platform.processor() or
+                cpu_capability=torch.backends.cpu.get_cpu_capability(),
+                native_build=native.instruction_set() if native.available() else "unavailable", machine=platform.processor() or
                 platform.machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    log(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_capability']}")
+    log(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_capability']}, "
+        f"cpu_w4a8 build {info['native_build']}")
     bandwidth = measure_bandwidth()
     log(f"measured DRAM read bandwidth: {bandwidth:.1f} GB/s")
     info["loadavg_start"] = os.getloadavg()

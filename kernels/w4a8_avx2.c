@@ -1,4 +1,6 @@
 /* 4-bit weights x int8 activations on AVX2 (+FMA, F16C): y = x W^T + bias, tuned for batch-1 decode.
+ * Built twice by backends/native_build.py: plain AVX2, and with AVX512-VNNI/VL where the CPU has them; the VNNI
+ * build does each integer dot with two _mm256_dpbusd_epi32 instead of maddubs/add/madd (same exact sums).
  *
  * Weights (repacked once at load by backends/native.py), in tiles of TILE = 4 output rows streamed in order:
  *   wq    uint8 [N/4][np][4][32]: per pair of input blocks (2 x 32 inputs) and row, 32 bytes; byte j < 16 holds the
@@ -12,6 +14,9 @@
  *     y[n] = sum_g scale[n,g] * ( sum_{b in g} d_b * dot(q_w, q_x)_b  -  zero[n,g] * xsum[g] ).
  * dot() is exact in integers: _mm256_maddubs_epi16 multiplies the unsigned codes (<= 15) by the signed int8
  * activations; two of them added stay below 2 * 2 * 15 * 127 < 2^15.
+ *
+ * Several activation rows (prefill): up to M_BLOCK rows go through a tile together, so that each 32-byte weight
+ * piece is loaded and unpacked once for all of them (tile_groups_mb; groups of gb >= 2 blocks).
  *
  * Threads (parallel.h): the caller and up to threads - 1 others take chunks of CHUNK_TILES tiles one at a time.
  */
@@ -136,14 +141,32 @@ static void quantize_row(const void *x, int dt, const weights_t *w, int8_t *xq, 
 }
 
 /* ----------------------------------------------------------------------------------------------- dot products */
-/* 8 partial dots (as floats) of one row's pair of blocks with the activations: lanes 0-3 first block, 4-7 second. */
-static inline __m256 pair_dot(const uint8_t *wp, __m256i xl, __m256i xh) {
-    const __m256i mask = _mm256_set1_epi8(0x0f);
-    const __m256i raw = _mm256_loadu_si256((const __m256i *)wp);
-    const __m256i lo = _mm256_and_si256(raw, mask);
-    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define W4A8_VNNI 1
+#endif
+
+/* 8 partial dots (as floats) of one row's pair of blocks, given as its low / high nibbles, with the activations:
+ * lanes 0-3 first block, 4-7 second; each lane the exact sum over 4 bytes of both nibble planes. */
+static inline __m256 nibble_dot(__m256i lo, __m256i hi, __m256i xl, __m256i xh) {
+#ifdef W4A8_VNNI
+    return _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_dpbusd_epi32(_mm256_setzero_si256(), lo, xl), hi, xh));
+#else
     const __m256i s16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xl), _mm256_maddubs_epi16(hi, xh));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, _mm256_set1_epi16(1)));
+#endif
+}
+
+static inline void unpack_piece(const uint8_t *wp, __m256i *lo, __m256i *hi) {
+    const __m256i mask = _mm256_set1_epi8(0x0f);
+    const __m256i raw = _mm256_loadu_si256((const __m256i *)wp);
+    *lo = _mm256_and_si256(raw, mask);
+    *hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask);
+}
+
+static inline __m256 pair_dot(const uint8_t *wp, __m256i xl, __m256i xh) {
+    __m256i lo, hi;
+    unpack_piece(wp, &lo, &hi);
+    return nibble_dot(lo, hi, xl, xh);
 }
 
 static inline __m128 load_scales(const weights_t *w, int64_t tile, int64_t g) {
@@ -183,6 +206,47 @@ static __m128 tile_groups(const weights_t *w, int64_t tile, const int8_t *xq, co
     return _mm_sub_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), corr);
 }
 
+/* tile_groups for M_BLOCK activation rows at once (rows[m]: that row's codes, pair scales and group sums; a short
+ * batch repeats its last row). Each weight piece is unpacked once and multiplied with every row. */
+typedef struct {
+    const int8_t *xq[M_BLOCK];
+    const float *xd[M_BLOCK], *xsum[M_BLOCK];
+} rows_t;
+
+static void tile_groups_mb(const weights_t *w, int64_t tile, const rows_t *rows, __m128 *out) {
+    const int64_t ppg = w->gb / 2, G = w->Gp;
+    const uint8_t *wp = w->wq + tile * w->np * TILE * 32;
+    __m256 acc[M_BLOCK][TILE];
+    __m128 corr[M_BLOCK];
+    for (int m = 0; m < M_BLOCK; m++) {
+        corr[m] = _mm_setzero_ps();
+        for (int r = 0; r < TILE; r++) acc[m][r] = _mm256_setzero_ps();
+    }
+    for (int64_t g = 0; g < G; g++) {
+        __m256 ga[M_BLOCK][TILE];
+        for (int m = 0; m < M_BLOCK; m++)
+            for (int r = 0; r < TILE; r++) ga[m][r] = _mm256_setzero_ps();
+        for (int64_t p = g * ppg; p < (g + 1) * ppg; p++, wp += TILE * 32) {
+            __m256i lo[TILE], hi[TILE];
+            for (int r = 0; r < TILE; r++) unpack_piece(wp + r * 32, &lo[r], &hi[r]);
+            for (int m = 0; m < M_BLOCK; m++) {
+                const __m256i xl = _mm256_loadu_si256((const __m256i *)(rows->xq[m] + p * PAIR));
+                const __m256i xh = _mm256_loadu_si256((const __m256i *)(rows->xq[m] + p * PAIR + 32));
+                const __m256 d = _mm256_loadu_ps(rows->xd[m] + p * 8);
+                for (int r = 0; r < TILE; r++) ga[m][r] = _mm256_fmadd_ps(nibble_dot(lo[r], hi[r], xl, xh), d, ga[m][r]);
+            }
+        }
+        const __m128 s = load_scales(w, tile, g), sz = _mm_mul_ps(s, load_zeros(w, tile, g));
+        const __m256 s8 = _mm256_set_m128(s, s);
+        for (int r = 0; r < TILE; r++) {
+            const __m256 sr = _mm256_permutevar8x32_ps(s8, _mm256_set1_epi32(r));
+            for (int m = 0; m < M_BLOCK; m++) acc[m][r] = _mm256_fmadd_ps(ga[m][r], sr, acc[m][r]);
+        }
+        for (int m = 0; m < M_BLOCK; m++) corr[m] = _mm_fmadd_ps(sz, _mm_set1_ps(rows->xsum[m][g]), corr[m]);
+    }
+    for (int m = 0; m < M_BLOCK; m++) out[m] = _mm_sub_ps(hsum4(acc[m][0], acc[m][1], acc[m][2], acc[m][3]), corr[m]);
+}
+
 /* Same for groups of one block (gb = 1): the two halves of every pair have their own scales. */
 static __m128 tile_blocks(const weights_t *w, int64_t tile, const int8_t *xq, const float *xd, const float *xsum) {
     const uint8_t *wp = w->wq + tile * w->np * TILE * 32;
@@ -212,6 +276,22 @@ static void run_chunk(const weights_t *w, const acts_t *a, int64_t chunk, void *
     const int64_t xq_row = w->np * PAIR, xd_row = w->np * 8;
     for (int64_t m0 = 0; m0 < a->M; m0 += M_BLOCK) {
         const int64_t m1 = m0 + M_BLOCK < a->M ? m0 + M_BLOCK : a->M;
+        if (w->gb > 1 && m1 - m0 > 1) {
+            rows_t rows;
+            for (int m = 0; m < M_BLOCK; m++) {
+                const int64_t row = m0 + m < m1 ? m0 + m : m1 - 1;
+                rows.xq[m] = a->xq + row * xq_row;
+                rows.xd[m] = a->xd + row * xd_row;
+                rows.xsum[m] = a->xsum + row * w->Gp;
+            }
+            for (int64_t t = t0; t < t1; t++) {
+                const __m128 b = w->bias ? _mm_loadu_ps(w->bias + t * TILE) : _mm_setzero_ps();
+                __m128 v[M_BLOCK];
+                tile_groups_mb(w, t, &rows, v);
+                for (int64_t m = m0; m < m1; m++) store4(y, dt, m * w->N + t * TILE, _mm_add_ps(v[m - m0], b));
+            }
+            continue;
+        }
         for (int64_t t = t0; t < t1; t++) {
             const __m128 b = w->bias ? _mm_loadu_ps(w->bias + t * TILE) : _mm_setzero_ps();
             for (int64_t m = m0; m < m1; m++) {
@@ -281,6 +361,15 @@ int w4a8_linear(const layer_t *L, const float *bias, const void *x, void *y, int
     parallel_run(mode, M >= 4 ? threads : 1, M, quantize_item, &job);
     parallel_run(mode, threads, (N / TILE + CHUNK_TILES - 1) / CHUNK_TILES, chunk_item, &job);
     return 0;
+}
+
+/* Which integer dot this build does: 1 = AVX512-VNNI dpbusd, 0 = AVX2 maddubs. */
+int w4a8_vnni(void) {
+#ifdef W4A8_VNNI
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* ---------------------------------------------------------------------------------------------------- self-test */

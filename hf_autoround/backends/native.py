@@ -1,6 +1,7 @@
 """``cpu_w4a8``: our own CPU kernel (``kernels/w4a8_avx2.c``) — 4-bit weight codes (any of our 2/3/4-bit schemes,
 mapped to 0..15 as for torch's int4 op) times activations quantised on the fly to int8 per block of 32 (like
-llama.cpp's Q8_0), integer dot products with AVX2 ``maddubs`` and float accumulation per block and group.
+llama.cpp's Q8_0), integer dot products with AVX2 ``maddubs`` (AVX512-VNNI ``dpbusd`` where the CPU has it) and float accumulation
+per block and group; a prefill batch shares each unpacked weight piece among four activation rows.
 
 At load the weights are repacked once into tiles of 4 output rows that the kernel streams front to back (see the C
 source for the byte layout), with float16 scales (float32 when a scale is not exactly a float16) and int8 zero
@@ -42,6 +43,32 @@ _lib = None
 _lib_error: str | None = None
 
 
+def load_variant(variant: str) -> ctypes.CDLL:
+    """The library built for instruction-set ``variant`` (a key of ``native_build.VARIANTS``); raises RuntimeError."""
+    lib = native_build.load(SOURCE, variant=variant)
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.w4a8_linear.argtypes = [p, p, p, p, i64, i32, i32, i32]
+    lib.w4a8_linear.restype = i32
+    lib.w4a8_parallel_check.argtypes = [i32, i32, i64, i32, p, p]
+    lib.w4a8_parallel_check.restype = None
+    lib.w4a8_vnni.argtypes, lib.w4a8_vnni.restype = [], i32
+    return lib
+
+
+def _best_library():
+    """The best build this CPU runs: AVX512-VNNI, else AVX2 (a failed VNNI build, e.g. an old compiler, is logged
+    and falls back)."""
+    variants = native_build.usable_variants()
+    for variant in variants[:-1]:
+        try:
+            lib = load_variant(variant)
+            logger.info("cpu_w4a8: using the %s build", variant)
+            return lib
+        except RuntimeError as err:
+            logger.info("cpu_w4a8: the %s build is unavailable (%s); using AVX2", variant, err)
+    return load_variant("avx2")
+
+
 def load_library():
     """The ctypes library, compiled on first use; raises RuntimeError saying why when it cannot be had."""
     global _lib, _lib_error
@@ -51,18 +78,17 @@ def load_library():
         if _lib_error is not None:
             raise RuntimeError(_lib_error)
         try:
-            lib = native_build.load(SOURCE)
-            p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-            lib.w4a8_linear.argtypes = [p, p, p, p, i64, i32, i32, i32]
-            lib.w4a8_linear.restype = i32
-            lib.w4a8_parallel_check.argtypes = [i32, i32, i64, i32, p, p]
-            lib.w4a8_parallel_check.restype = None
-            _lib = lib
-            return lib
+            _lib = _best_library()
+            return _lib
         except Exception as err:  # noqa: BLE001 - any failure means "not available"
             _lib_error = f"native kernel unavailable: {err}"
             logger.info(_lib_error)
             raise RuntimeError(_lib_error) from None
+
+
+def instruction_set() -> str:
+    """Which build runs: "avx512vnni" or "avx2" (raises RuntimeError when none can)."""
+    return "avx512vnni" if load_library().w4a8_vnni() else "avx2"
 
 
 def parallel_check(threading: str, threads: int, n_items: int, sleep_us: int = 0):

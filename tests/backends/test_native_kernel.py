@@ -104,6 +104,26 @@ def test_w4a8_matches_reference(bits, group_size, sym, shape):
 
 
 @needs_native
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
+def test_every_instruction_set_build_gives_the_same_bits(group_size):
+    """The AVX512-VNNI build (where this CPU has it) sums the same integers as the AVX2 one, and a batch shares the
+    weight unpacking among 4 rows (tails of 1-3): every output equals the AVX2 build's bit for bit."""
+    variants = native_build.usable_variants()
+    layer = make_layer(512, 48, QuantScheme(4, group_size, False), asym_extreme=True)
+    kernel = native.W4A8Kernel(layer)
+    x = torch.randn(11, 512, generator=torch.Generator().manual_seed(6))
+    kernel.lib = native.load_variant("avx2")
+    want = {m: kernel(x[:m]) for m in (1, 2, 3, 4, 5, 8, 11)}
+    torch.testing.assert_close(want[11].double(), w4a8_reference(layer, x), rtol=2e-6, atol=2e-6)
+    assert torch.equal(want[5], want[11][:5])  # a row's result does not depend on the batch it is in
+    for variant in variants:
+        kernel.lib = native.load_variant(variant)
+        assert kernel.lib.w4a8_vnni() == (variant == "avx512vnni")
+        for m, y in want.items():
+            assert torch.equal(kernel(x[:m]), y), (variant, m)
+
+
+@needs_native
 def test_w4a8_float32_scales_path():
     layer = make_layer(256, 32, QuantScheme(4, 32, False))
     kernel = native.W4A8Kernel(layer)
