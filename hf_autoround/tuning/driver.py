@@ -28,6 +28,7 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
                **kwargs) -> TuningReport:
     """Quantise every layer of ``plan`` with SignRound; every planned layer ends packed via ``pack_layer``."""
     options = TuningOptions.from_config(config, **kwargs)
+    _log_precision(options)
     reuse_freed_memory()
     data = get_calibration_data(dataset, tokenizer, options.seqlen, options.nsamples, config.seed)
     report = options.report if options.report is not None else TuningReport()
@@ -52,6 +53,16 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
     if progress:
         bar.bar.write(report.summary())
     return report
+
+
+def _log_precision(options: TuningOptions) -> None:
+    sr = options.signround
+    if sr.iters == 0:
+        return
+    forward = "bf16 autocast" if sr.amp else "float32"
+    backward = "bfloat16 (this CPU multiplies bf16 natively; bf16_backward=False keeps float32)" \
+        if sr.bf16_backward else "float32"
+    logger.info("SignRound: forward and losses in %s, backward matmuls of the tuned linears in %s", forward, backward)
 
 
 def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar,

@@ -22,6 +22,7 @@ from ..export.gguf.grid import GridWeight
 from ..scheme import QuantScheme
 from .cache import BlockInputs, forward_block
 from .fakequant import GroupedWeight, fake_quant
+from .low_precision_grad import bf16_backward_linear
 
 V_LIMIT = 0.5
 
@@ -66,6 +67,7 @@ class SignRoundSettings:
     seed: int = 42
     compute_dtype: torch.dtype = torch.float32
     amp: bool = False  # bf16 autocast for the block forward (fp32 master parameters)
+    bf16_backward: bool = False  # the planned linears' backward products in bf16, forward exact (low_precision_grad)
 
     @property
     def round_lr(self) -> float:
@@ -89,41 +91,43 @@ class QdqLinear(nn.Module):
     """A linear whose weight is fake-quantised (the values of ``qdq.qdq``) from the float weight and the layer's
     tunable parameters; the grouped weight and its ranges are computed once, at wrapping."""
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme, params: LayerParams):
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, params: LayerParams, bf16_backward: bool = False):
         super().__init__()
         self.linear, self.scheme, self.params = linear, scheme, params
         self.grouped = GroupedWeight.from_weight(linear.weight, scheme)
+        self.matmul = bf16_backward_linear if bf16_backward else F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params
         w_hat = fake_quant(self.grouped, self.scheme, p.v, p.min_scale, p.max_scale)
-        return F.linear(x, w_hat.to(x.dtype), self.linear.bias)
+        return self.matmul(x, w_hat.to(x.dtype), self.linear.bias)
 
 
 class GridQdqLinear(nn.Module):
     """A linear whose weight takes the values of its GGUF grid for the tunable rounding ``params.v``."""
 
-    def __init__(self, linear: nn.Linear, grid: GridWeight, params: LayerParams):
+    def __init__(self, linear: nn.Linear, grid: GridWeight, params: LayerParams, bf16_backward: bool = False):
         super().__init__()
         self.linear, self.grid, self.params = linear, grid, params
+        self.matmul = bf16_backward_linear if bf16_backward else F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_hat = self.grid.fake_quant(self.linear.weight, self.params.v)
-        return F.linear(x, w_hat.to(x.dtype), self.linear.bias)
+        return self.matmul(x, w_hat.to(x.dtype), self.linear.bias)
 
 
-def _wrapper(linear: nn.Linear, target: Target, params: LayerParams) -> nn.Module:
+def _wrapper(linear: nn.Linear, target: Target, params: LayerParams, bf16_backward: bool) -> nn.Module:
     if isinstance(target, GridWeight):
-        return GridQdqLinear(linear, target, params)
-    return QdqLinear(linear, target, params)
+        return GridQdqLinear(linear, target, params, bf16_backward)
+    return QdqLinear(linear, target, params, bf16_backward)
 
 
 @contextlib.contextmanager
-def wrapped(block: nn.Module, layers: dict[str, Target], params: dict[str, LayerParams]):
+def wrapped(block: nn.Module, layers: dict[str, Target], params: dict[str, LayerParams], bf16_backward: bool = False):
     """Swap the block's planned linears for fake-quantising ones while inside the context; restore them after."""
     originals = {name: block.get_submodule(name) for name in layers}
     for name, linear in originals.items():
-        set_submodule(block, name, _wrapper(linear, layers[name], params[name]))
+        set_submodule(block, name, _wrapper(linear, layers[name], params[name], bf16_backward))
     try:
         yield
     finally:
@@ -207,7 +211,7 @@ def tune_block(block: nn.Module, layers: dict[str, Target], inputs: BlockInputs,
     result = BlockResult({})
     sampler = BatchSampler(inputs.nsamples, settings.batch_size * settings.gradient_accumulate_steps, settings.seed)
     try:
-        with wrapped(block, layers, params):
+        with wrapped(block, layers, params, settings.bf16_backward):
             _loop(block, inputs, q_hidden, targets, settings, params, sampler, result)
     finally:
         for p in frozen:

@@ -67,6 +67,20 @@ def test_tuning_lowers_block_output_error_against_rtn():
     assert all(t < r for t, r in zip(errors[40], errors[0])), errors
 
 
+def test_signround_starts_from_the_optimised_rtn_scales_by_default():
+    """With iters=1 the kept parameters are the starting ones (step 0's loss is the only one seen), so the default
+    start packs exactly like optimised RTN, and ``init_opt_rtn=False`` exactly like plain RTN."""
+    runs = {}
+    for name, iters, kwargs in (("default", 1, {}), ("optrtn", 0, {}), ("plain_start", 1, {"init_opt_rtn": False}),
+                                ("rtn", 0, {"disable_opt_rtn": True})):
+        model = build_tiny_model("llama")
+        quantize_model(model, config(iters=iters), dataset=calib(), progress=False, **kwargs)
+        runs[name] = packed(model)
+    assert same_packing(runs["default"], runs["optrtn"])
+    assert same_packing(runs["plain_start"], runs["rtn"])
+    assert not same_packing(runs["default"], runs["rtn"])  # the two starts differ, so the checks above can fail
+
+
 def test_optimised_rtn_never_worse_on_its_weighted_error():
     torch.manual_seed(0)
     w, act = torch.randn(16, 80), torch.rand(80) * 10

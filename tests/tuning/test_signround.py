@@ -1,6 +1,7 @@
 """The per-block loop: best-loss parameters kept, bounds held, loss lowered, signed steps with linear decay."""
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import build_tiny_model
 from tuning_helpers import one_thread  # noqa: F401  (autouse)
@@ -32,9 +33,11 @@ def loss_with(block, layers, params, inputs, targets, idx):
     return block_loss(pred, targets.index_select(0, idx), None).item()
 
 
-def test_kept_parameters_have_the_best_loss():
+@pytest.mark.parametrize("bf16_backward", [False, True])
+def test_kept_parameters_have_the_best_loss(bf16_backward):
     block, inputs, targets, layers = block_setup(n=4)
-    settings = SignRoundSettings(iters=25, batch_size=4)  # one batch = every sample: each step sees the same data
+    # one batch = every sample: each step sees the same data; bf16 backward products leave the losses exact
+    settings = SignRoundSettings(iters=25, batch_size=4, bf16_backward=bf16_backward)
     result = tune_block(block, layers, inputs, inputs.hidden, targets, settings)
     assert result.best_loss == min(result.losses)
     assert result.losses[result.best_iter] == result.best_loss
@@ -42,9 +45,11 @@ def test_kept_parameters_have_the_best_loss():
     assert abs(kept - result.best_loss) <= 1e-6 * result.best_loss
 
 
-def test_tuning_lowers_the_block_loss_against_rtn():
+@pytest.mark.parametrize("bf16_backward", [False, True])
+def test_tuning_lowers_the_block_loss_against_rtn(bf16_backward):
     block, inputs, targets, layers = block_setup()
-    result = tune_block(block, layers, inputs, inputs.hidden, targets, SignRoundSettings(iters=60, batch_size=8))
+    result = tune_block(block, layers, inputs, inputs.hidden, targets,
+                        SignRoundSettings(iters=60, batch_size=8, bf16_backward=bf16_backward))
     rtn = {n: LayerParams.initial(block.get_submodule(n).weight, s) for n, s in layers.items()}
     everything = torch.arange(inputs.nsamples)
     rtn_loss = loss_with(block, layers, rtn, inputs, targets, everything)
