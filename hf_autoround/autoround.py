@@ -74,6 +74,11 @@ class AutoRound:
     :mod:`hf_autoround.tuning.data` (None = the bundled English set). ``device``, ``low_gpu_mem_usage`` and
     ``enable_torch_compile`` are accepted for compatibility; this build runs on the CPU.
 
+    Precision of the tuning: the forward, the float targets and every loss are float32. ``bf16_backward`` ("auto":
+    on where the CPU multiplies bf16 natively) computes the tuned linears' backward products in bf16, which only
+    steers the signed steps; ``amp=True`` also autocasts the forward to bf16 (faster still, less accurate).
+    ``init_opt_rtn`` (default True) starts the min/max range factors from the optimised-RTN search.
+
     ``resume=True``: checkpoint every finished block to ``resume_dir`` (``quantize_and_save`` defaults it to
     ``<output_dir>.resume``) and, when it already holds a killed run with the same settings, model and data,
     continue from its last finished block; the result is bit-identical to an uninterrupted run, and the directory
