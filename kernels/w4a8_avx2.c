@@ -46,7 +46,7 @@ typedef struct {
 
 typedef struct {
     const int8_t *xq;   /* [M][np * 64] */
-    const float *xd;    /* [M][np * 8]: d of each pair's two blocks, 4 copies each */
+    const float *xd;    /* [M][np * 2]: d of each pair's two blocks */
     const float *xsum;  /* [M][Gp] */
     int64_t M;
 } acts_t;
@@ -134,7 +134,7 @@ static void quantize_row(const void *x, int dt, const weights_t *w, int8_t *xq, 
             const float d = b < nb ? quantize_block(x, dt, b * BLOCK, w->K, &c, &s) : 0.f;
             _mm_storeu_si128((__m128i *)(xq + p * PAIR + h * 16), _mm256_castsi256_si128(c));
             _mm_storeu_si128((__m128i *)(xq + p * PAIR + 32 + h * 16), _mm256_extracti128_si256(c, 1));
-            _mm_storeu_ps(xd + p * 8 + h * 4, _mm_set1_ps(d));
+            xd[p * 2 + h] = d;
             xsum[b / w->gb] += d * (float)s;
         }
     }
@@ -169,6 +169,12 @@ static inline __m256 pair_dot(const uint8_t *wp, __m256i xl, __m256i xh) {
     return nibble_dot(lo, hi, xl, xh);
 }
 
+/* The activation scales of pair p as lanes [d0 x4, d1 x4] (kept compact so that a long row's scales stay in L1). */
+static inline __m256 pair_scales(const float *xd, int64_t p) {
+    const __m128 two = _mm_castpd_ps(_mm_load_sd((const double *)(xd + 2 * p)));
+    return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+}
+
 static inline __m128 load_scales(const weights_t *w, int64_t tile, int64_t g) {
     const int64_t i = (tile * w->Gp + g) * TILE;
     if (w->scale_f32) return _mm_loadu_ps((const float *)w->scale + i);
@@ -194,7 +200,7 @@ static __m128 tile_groups(const weights_t *w, int64_t tile, const int8_t *xq, co
         for (int64_t p = g * ppg; p < (g + 1) * ppg; p++, wp += TILE * 32) {
             const __m256i xl = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR));
             const __m256i xh = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR + 32));
-            const __m256 d = _mm256_loadu_ps(xd + p * 8);
+            const __m256 d = pair_scales(xd, p);
             for (int r = 0; r < TILE; r++) ga[r] = _mm256_fmadd_ps(pair_dot(wp + r * 32, xl, xh), d, ga[r]);
         }
         const __m128 s = load_scales(w, tile, g);
@@ -232,7 +238,7 @@ static void tile_groups_mb(const weights_t *w, int64_t tile, const rows_t *rows,
             for (int m = 0; m < M_BLOCK; m++) {
                 const __m256i xl = _mm256_loadu_si256((const __m256i *)(rows->xq[m] + p * PAIR));
                 const __m256i xh = _mm256_loadu_si256((const __m256i *)(rows->xq[m] + p * PAIR + 32));
-                const __m256 d = _mm256_loadu_ps(rows->xd[m] + p * 8);
+                const __m256 d = pair_scales(rows->xd[m], p);
                 for (int r = 0; r < TILE; r++) ga[m][r] = _mm256_fmadd_ps(nibble_dot(lo[r], hi[r], xl, xh), d, ga[m][r]);
             }
         }
@@ -256,7 +262,7 @@ static __m128 tile_blocks(const weights_t *w, int64_t tile, const int8_t *xq, co
     for (int64_t p = 0; p < w->np; p++, wp += TILE * 32) {
         const __m256i xl = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR));
         const __m256i xh = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR + 32));
-        const __m256 d = _mm256_loadu_ps(xd + p * 8);
+        const __m256 d = pair_scales(xd, p);
         const __m128 s0 = load_scales(w, tile, 2 * p), s1 = load_scales(w, tile, 2 * p + 1);
         corr = _mm_fmadd_ps(_mm_mul_ps(s0, load_zeros(w, tile, 2 * p)), _mm_set1_ps(xsum[2 * p]), corr);
         corr = _mm_fmadd_ps(_mm_mul_ps(s1, load_zeros(w, tile, 2 * p + 1)), _mm_set1_ps(xsum[2 * p + 1]), corr);
@@ -273,7 +279,7 @@ static __m128 tile_blocks(const weights_t *w, int64_t tile, const int8_t *xq, co
 static void run_chunk(const weights_t *w, const acts_t *a, int64_t chunk, void *y, int dt) {
     const int64_t t0 = chunk * CHUNK_TILES, n_tiles = w->N / TILE;
     const int64_t t1 = t0 + CHUNK_TILES < n_tiles ? t0 + CHUNK_TILES : n_tiles;
-    const int64_t xq_row = w->np * PAIR, xd_row = w->np * 8;
+    const int64_t xq_row = w->np * PAIR, xd_row = w->np * 2;
     for (int64_t m0 = 0; m0 < a->M; m0 += M_BLOCK) {
         const int64_t m1 = m0 + M_BLOCK < a->M ? m0 + M_BLOCK : a->M;
         if (w->gb > 1 && m1 - m0 > 1) {
@@ -329,7 +335,7 @@ static void quantize_item(const void *ctx, int64_t m) {
     const job_t *j = ctx;
     const size_t elt = j->dt == DT_F32 ? 4 : 2;
     quantize_row((const char *)j->x + m * j->w->K * elt, j->dt, j->w, (int8_t *)j->a->xq + m * j->w->np * PAIR,
-                 (float *)j->a->xd + m * j->w->np * 8, (float *)j->a->xsum + m * j->w->Gp);
+                 (float *)j->a->xd + m * j->w->np * 2, (float *)j->a->xsum + m * j->w->Gp);
 }
 
 static void chunk_item(const void *ctx, int64_t c) {
@@ -353,7 +359,7 @@ int w4a8_linear(const layer_t *L, const float *bias, const void *x, void *y, int
     const int64_t K = L->K, N = L->N, gb = L->gb;
     const int64_t np = (K + PAIR - 1) / PAIR, Gp = gb == 1 ? 2 * np : K / (BLOCK * gb);
     const weights_t w = {L->wq, L->scale, L->zero, bias, N, K, gb, np, Gp, (int)L->scale_f32};
-    const size_t xq_bytes = (size_t)(M * np * PAIR), xd_bytes = (size_t)(M * np * 8) * sizeof(float);
+    const size_t xq_bytes = (size_t)(M * np * PAIR), xd_bytes = (size_t)(M * np * 2) * sizeof(float);
     char *buf = get_scratch(xq_bytes + xd_bytes + (size_t)(M * Gp) * sizeof(float));
     if (!buf) return -1;
     const acts_t a = {(int8_t *)buf, (float *)(buf + xq_bytes), (float *)(buf + xq_bytes + xd_bytes), M};
