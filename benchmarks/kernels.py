@@ -381,6 +381,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 6)")
     p.add_argument("--breakdown", action="store_true", help="add W4G128 decode rows with stubbed linears / lm_head")
     p.add_argument("--models", default="smollm2-135m,llama-1b")
+    p.add_argument("--shapes", default=None, help="layer shapes IN x OUT, comma-separated (default: all five)")
+    p.add_argument("--batches", default=None, help="layer batch sizes, comma-separated (default 1,8,128)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--skip-layers", action="store_true")
     p.add_argument("--skip-decode", action="store_true")
@@ -393,6 +395,10 @@ def main(argv=None):
         shapes, pool_gib, rounds, tokens = SHAPES[:2], 0.1, 2, 6
     if args.full:
         rounds, tokens = 12, 64
+    if args.shapes:
+        shapes = [tuple(int(v) for v in shape.lower().split("x")) for shape in args.shapes.split(",")]
+    if args.batches:
+        batches = [int(b) for b in args.batches.split(",")]
     pool_gib = args.pool_gib if args.pool_gib is not None else pool_gib
     tokens = args.tokens or tokens
     rounds = args.rounds or rounds
@@ -405,8 +411,8 @@ def main(argv=None):
 
     info = dict(torch=torch.__version__, threads=torch.get_num_threads(), command=" ".join(sys.argv),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(),
-                native_build=native.instruction_set() if native.available() else "unavailable", machine=platform.processor() or
-                platform.machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+                native_build=native.instruction_set() if native.available() else "unavailable",
+                machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     log(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_capability']}, "
         f"cpu_w4a8 build {info['native_build']}")
     bandwidth = measure_bandwidth()
