@@ -92,8 +92,8 @@ def worker_ours(args) -> dict:
     iters = 0 if args.mode in ("rtn", "optrtn") else args.iters
     dataset = None if args.mode == "rtn" else calib
     ar = AutoRound(model, tok, bits=bits, group_size=group_size, sym=sym, iters=iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=dataset, seed=42, progress=args.progress,
-                   layer_config=float_layers(args, model), **json.loads(args.ours_kwargs))
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=dataset, seed=args.seed,
+                   progress=args.progress, layer_config=float_layers(args, model), **json.loads(args.ours_kwargs))
     start = time.perf_counter()
     ar.quantize()
     seconds = time.perf_counter() - start
@@ -115,7 +115,7 @@ def worker_ref(args) -> dict:
     tok = AutoTokenizer.from_pretrained(args.float_dir)
     calib = [row.unsqueeze(0) for row in torch.load(args.calib)]
     ar = AutoRound(model, tok, bits=bits, group_size=group_size, sym=sym, iters=args.iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=calib, seed=42, device_map="cpu",
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=calib, seed=args.seed, device_map="cpu",
                    layer_config=float_layers(args, model) or None)
     start = time.perf_counter()
     ar.quantize()
@@ -168,7 +168,7 @@ def run_worker(python: str, name: str, args, **extra) -> dict:
     cmd = [python, os.path.abspath(__file__), "--worker", name, "--float-dir", args.float_dir, "--calib", args.calib,
            "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size),
            "--eval-tokens", str(args.eval_tokens), "--eval-seqlen", str(args.eval_seqlen), "--blocks", str(args.blocks),
-           "--ours-kwargs", args.ours_kwargs]
+           "--seed", str(args.seed), "--ours-kwargs", args.ours_kwargs]
     for key, value in extra.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = dict(os.environ, PYTHONPATH=ROOT if name != "ref" else "")
@@ -250,6 +250,8 @@ def parse_args():
                    "such a truncated model is meaningless, use it for timing only")
     p.add_argument("--blocks", type=int, default=0, help="quantize only the first N blocks, the rest stay float "
                    "(0 = all): the full model is evaluated, so perplexity stays meaningful")
+    p.add_argument("--seed", type=int, default=42, help="tuning seed of both implementations (the calibration "
+                   "samples stay the same)")
     p.add_argument("--ours-kwargs", default="{}", help="JSON of extra AutoRound arguments for our runs")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=512)
