@@ -412,7 +412,8 @@ def main(argv=None):
     info = dict(torch=torch.__version__, threads=torch.get_num_threads(), command=" ".join(sys.argv),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(),
                 native_build=native.instruction_set() if native.available() else "unavailable",
-                machine=platform.processor() or platform.machine(), date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+                machine=platform.processor() or platform.machine(),
+                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     log(f"torch {info['torch']}, {info['threads']} threads, {info['cpu_capability']}, "
         f"cpu_w4a8 build {info['native_build']}")
     bandwidth = measure_bandwidth()

@@ -239,7 +239,8 @@ static void tile_groups_mb(const weights_t *w, int64_t tile, const rows_t *rows,
                 const __m256i xl = _mm256_loadu_si256((const __m256i *)(rows->xq[m] + p * PAIR));
                 const __m256i xh = _mm256_loadu_si256((const __m256i *)(rows->xq[m] + p * PAIR + 32));
                 const __m256 d = pair_scales(rows->xd[m], p);
-                for (int r = 0; r < TILE; r++) ga[m][r] = _mm256_fmadd_ps(nibble_dot(lo[r], hi[r], xl, xh), d, ga[m][r]);
+                for (int r = 0; r < TILE; r++)
+                    ga[m][r] = _mm256_fmadd_ps(nibble_dot(lo[r], hi[r], xl, xh), d, ga[m][r]);
             }
         }
         const __m128 s = load_scales(w, tile, g), sz = _mm_mul_ps(s, load_zeros(w, tile, g));

@@ -1,7 +1,7 @@
 """``cpu_w4a8``: our own CPU kernel (``kernels/w4a8_avx2.c``) — 4-bit weight codes (any of our 2/3/4-bit schemes,
 mapped to 0..15 as for torch's int4 op) times activations quantised on the fly to int8 per block of 32 (like
-llama.cpp's Q8_0), integer dot products with AVX2 ``maddubs`` (AVX512-VNNI ``dpbusd`` where the CPU has it) and float accumulation
-per block and group; a prefill batch shares each unpacked weight piece among four activation rows.
+llama.cpp's Q8_0), integer dot products with AVX2 ``maddubs`` (AVX512-VNNI ``dpbusd`` where the CPU has it) and
+float accumulation per block and group; a prefill batch shares each unpacked weight piece among four activation rows.
 
 At load the weights are repacked once into tiles of 4 output rows that the kernel streams front to back (see the C
 source for the byte layout), with float16 scales (float32 when a scale is not exactly a float16) and int8 zero

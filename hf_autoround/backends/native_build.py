@@ -3,10 +3,10 @@
 The source is compiled with the system C compiler (``CC``, else ``gcc`` / ``cc``) into the cache folder
 (``$HF_AUTOROUND_CACHE/kernels``, default ``~/.cache/hf_autoround/kernels``), named by a hash of source and flags,
 and loaded with ctypes. ctypes releases the GIL during a call; the library's threads are torch's OpenMP team (the
-same libgomp soname, already loaded by torch) or its own small pool (``kernels/parallel.h``). Each source is built per instruction set (``VARIANTS``: AVX512-VNNI where the CPU has it,
-else AVX2). No compiler, a failed build or a CPU without AVX2/FMA/F16C: loading
-raises ``RuntimeError`` saying why, and the backends that need the library report themselves unavailable. Nothing
-here runs at install time, so installing never needs a compiler.
+same libgomp soname, already loaded by torch) or its own small pool (``kernels/parallel.h``). Each source is built
+per instruction set (``VARIANTS``: AVX512-VNNI where the CPU has it, else AVX2). No compiler, a failed build or a
+CPU without AVX2/FMA/F16C: loading raises ``RuntimeError`` saying why, and the backends that need the library
+report themselves unavailable. Nothing here runs at install time, so installing never needs a compiler.
 """
 from __future__ import annotations
 

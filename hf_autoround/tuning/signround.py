@@ -91,11 +91,10 @@ class QdqLinear(nn.Module):
     """A linear whose weight is fake-quantised (the values of ``qdq.qdq``) from the float weight and the layer's
     tunable parameters; the grouped weight and its ranges are computed once, at wrapping."""
 
-    def __init__(self, linear: nn.Linear, scheme: QuantScheme, params: LayerParams, bf16_backward: bool = False):
+    def __init__(self, linear: nn.Linear, scheme: QuantScheme, params: LayerParams, matmul=F.linear):
         super().__init__()
-        self.linear, self.scheme, self.params = linear, scheme, params
+        self.linear, self.scheme, self.params, self.matmul = linear, scheme, params, matmul
         self.grouped = GroupedWeight.from_weight(linear.weight, scheme)
-        self.matmul = bf16_backward_linear if bf16_backward else F.linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.params
@@ -106,10 +105,9 @@ class QdqLinear(nn.Module):
 class GridQdqLinear(nn.Module):
     """A linear whose weight takes the values of its GGUF grid for the tunable rounding ``params.v``."""
 
-    def __init__(self, linear: nn.Linear, grid: GridWeight, params: LayerParams, bf16_backward: bool = False):
+    def __init__(self, linear: nn.Linear, grid: GridWeight, params: LayerParams, matmul=F.linear):
         super().__init__()
-        self.linear, self.grid, self.params = linear, grid, params
-        self.matmul = bf16_backward_linear if bf16_backward else F.linear
+        self.linear, self.grid, self.params, self.matmul = linear, grid, params, matmul
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w_hat = self.grid.fake_quant(self.linear.weight, self.params.v)
@@ -117,9 +115,10 @@ class GridQdqLinear(nn.Module):
 
 
 def _wrapper(linear: nn.Linear, target: Target, params: LayerParams, bf16_backward: bool) -> nn.Module:
+    matmul = bf16_backward_linear if bf16_backward else F.linear
     if isinstance(target, GridWeight):
-        return GridQdqLinear(linear, target, params, bf16_backward)
-    return QdqLinear(linear, target, params, bf16_backward)
+        return GridQdqLinear(linear, target, params, matmul)
+    return QdqLinear(linear, target, params, matmul)
 
 
 @contextlib.contextmanager

@@ -31,10 +31,14 @@ def test_forward_is_exact_and_gradients_are_bf16_close():
         assert torch.equal(got.sign()[big], want.sign()[big])
 
 
-def test_frozen_inputs_get_no_gradient():
+def test_frozen_inputs_get_no_gradient_and_a_trainable_bias_gets_its_own():
     x, w = torch.randn(5, 32), torch.randn(8, 32, requires_grad=True)
     bf16_backward_linear(x, w, None).sum().backward()
     assert x.grad is None and w.grad is not None
+    b = torch.randn(8, requires_grad=True)
+    y = bf16_backward_linear(x.unsqueeze(0), w, b)
+    (y * torch.arange(8.0)).sum().backward()
+    assert torch.equal(b.grad, torch.arange(8.0) * 5)  # summed over the 5 rows, exactly (no bf16 rounding)
 
 
 def test_option_defaults_to_where_bf16_is_native():
