@@ -192,22 +192,33 @@ def make_ref_venv(python: str) -> None:
 
 
 def collect(args) -> list[dict]:
-    rows = [dict(method="float", scheme="-", iters=0, **run_worker(sys.executable, "float", args))]
+    """Float, RTN and optimised RTN once (they use no random numbers); SignRound, ours and the reference's, once
+    per tuning seed."""
+    seeds = [int(s) for s in (args.seeds or str(args.seed)).split(",")]
+    rows = [dict(method="float", scheme="-", iters=0, seed="-", **run_worker(sys.executable, "float", args))]
     for scheme in args.schemes.split(","):
         for mode in ("rtn", "optrtn"):
-            rows.append(dict(method=f"ours {mode}", scheme=scheme, iters=0,
+            rows.append(dict(method=f"ours {mode}", scheme=scheme, iters=0, seed="-",
                              **run_worker(sys.executable, "ours", args, scheme=scheme, mode=mode, iters=0)))
         for iters in [int(i) for i in args.iters.split(",")]:
-            rows.append(dict(method="ours signround", scheme=scheme, iters=iters,
-                             **run_worker(sys.executable, "ours", args, scheme=scheme, mode="signround",
-                                          iters=iters)))
-            if args.reference:
-                out_dir = os.path.join(args.work, f"ref_{scheme}_{iters}")
-                ref = run_worker(args.ref_python, "ref", args, scheme=scheme, iters=iters, out_dir=out_dir)
-                if "error" not in ref:
-                    ref.update(run_worker(sys.executable, "evaldir", args, out_dir=out_dir))
-                rows.append(dict(method="reference auto-round", scheme=scheme, iters=iters, **ref))
-            print_table(rows, args)
+            for seed in seeds:
+                args.seed = seed
+                rows += signround_rows(args, scheme, iters)
+                print_table(rows, args)
+    return rows
+
+
+def signround_rows(args, scheme: str, iters: int) -> list[dict]:
+    """Ours and (with ``--reference``) the reference's SignRound at ``args.seed``."""
+    keys = dict(scheme=scheme, iters=iters, seed=args.seed)
+    rows = [dict(method="ours signround", **keys,
+                 **run_worker(sys.executable, "ours", args, scheme=scheme, mode="signround", iters=iters))]
+    if args.reference:
+        out_dir = os.path.join(args.work, f"ref_{scheme}_{iters}_seed{args.seed}")
+        ref = run_worker(args.ref_python, "ref", args, scheme=scheme, iters=iters, out_dir=out_dir)
+        if "error" not in ref:
+            ref.update(run_worker(sys.executable, "evaldir", args, out_dir=out_dir))
+        rows.append(dict(method="reference auto-round", **keys, **ref))
     return rows
 
 
@@ -217,26 +228,42 @@ def print_table(rows, args) -> None:
     scope += f" (blocks 0..{args.blocks - 1} quantized, the rest float)" if args.blocks else ""
     print(f"\nSmolLM2-135M{scope}, nsamples {args.nsamples}, "
           f"seqlen {args.seqlen}, batch {args.batch_size}; ppl on {args.eval_tokens} tokens of Emma")
-    print(f"{'method':22} {'scheme':10} {'iters':>5} {'ppl':>9} {'gap':>8} {'tune s':>8} {'peak RSS MiB':>12}")
+    print(f"{'method':22} {'scheme':10} {'iters':>5} {'seed':>4} {'ppl':>9} {'gap':>8} {'tune s':>8} "
+          f"{'peak RSS MiB':>12}")
     for r in rows:
         ppl = r.get("ppl", float("nan"))
-        print(f"{r['method']:22} {r['scheme']:10} {r['iters']:>5} {ppl:9.3f} {ppl - float_ppl:8.3f} "
+        print(f"{r['method']:22} {r['scheme']:10} {r['iters']:>5} {r['seed']:>4} {ppl:9.3f} {ppl - float_ppl:8.3f} "
               f"{r.get('tune_s', float('nan')):8.1f} {r.get('peak_rss_mb', float('nan')):12.0f}"
               + (f"  {r['error']}" if "error" in r else ""))
-    for ours, ref in paired(rows):
-        gap_ratio = (ours["ppl"] - float_ppl) / (ref["ppl"] - float_ppl)
-        print(f"ours / reference, {ours['scheme']} iters {ours['iters']}: perplexity gap x{gap_ratio:.2f}, "
-              f"tuning time x{ours['tune_s'] / ref['tune_s']:.2f}, peak RSS x{ours['peak_rss_mb'] / ref['peak_rss_mb']:.2f}")
+    for (scheme, iters), pairs in paired(rows).items():
+        ratios = [ratio(ours, ref, float_ppl) for ours, ref in pairs]
+        for (ours, _), (gap, tune, rss) in zip(pairs, ratios):
+            print(f"ours / reference, {scheme} iters {iters} seed {ours['seed']}: perplexity gap x{gap:.2f}, "
+                  f"tuning time x{tune:.2f}, peak RSS x{rss:.2f}")
+        if len(pairs) > 1:
+            mean = [sum(col) / len(col) for col in zip(*[(o["ppl"] - float_ppl, r["ppl"] - float_ppl, o["tune_s"],
+                                                           r["tune_s"]) for o, r in pairs])]
+            print(f"ours / reference, {scheme} iters {iters}, mean over {len(pairs)} seeds: gap {mean[0]:.3f} / "
+                  f"{mean[1]:.3f} = x{mean[0] / mean[1]:.2f}, tuning time {mean[2]:.1f} / {mean[3]:.1f} s = "
+                  f"x{mean[2] / mean[3]:.2f}")
     sys.stdout.flush()
 
 
-def paired(rows):
-    """(ours signround, reference) rows at the same scheme and iters, both complete."""
+def ratio(ours: dict, ref: dict, float_ppl: float) -> tuple[float, float, float]:
+    """(perplexity gap, tuning time, peak RSS) of ours over the reference's."""
+    return ((ours["ppl"] - float_ppl) / (ref["ppl"] - float_ppl), ours["tune_s"] / ref["tune_s"],
+            ours["peak_rss_mb"] / ref["peak_rss_mb"])
+
+
+def paired(rows) -> dict:
+    """(scheme, iters) -> [(ours signround, reference)] at the same seed, both complete."""
     done = [r for r in rows if "ppl" in r and "tune_s" in r]
+    out: dict = {}
     for ours in (r for r in done if r["method"] == "ours signround"):
         for ref in (r for r in done if r["method"] == "reference auto-round"):
-            if (ref["scheme"], ref["iters"]) == (ours["scheme"], ours["iters"]):
-                yield ours, ref
+            if (ref["scheme"], ref["iters"], ref["seed"]) == (ours["scheme"], ours["iters"], ours["seed"]):
+                out.setdefault((ours["scheme"], ours["iters"]), []).append((ours, ref))
+    return out
 
 
 def parse_args():
@@ -250,7 +277,10 @@ def parse_args():
                    "such a truncated model is meaningless, use it for timing only")
     p.add_argument("--blocks", type=int, default=0, help="quantize only the first N blocks, the rest stay float "
                    "(0 = all): the full model is evaluated, so perplexity stays meaningful")
-    p.add_argument("--seed", type=int, default=42, help="tuning seed of both implementations (the calibration "
+    p.add_argument("--seeds", default=None, help="tuning seeds of both implementations, comma-separated: SignRound "
+                   "runs once per seed, the ratios are printed per seed and averaged (the calibration samples "
+                   "stay the same)")
+    p.add_argument("--seed", type=int, default=42, help="the tuning seed of one run, when --seeds is not given (the calibration "
                    "samples stay the same)")
     p.add_argument("--ours-kwargs", default="{}", help="JSON of extra AutoRound arguments for our runs")
     p.add_argument("--eval-tokens", type=int, default=16384)
