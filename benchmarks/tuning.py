@@ -280,8 +280,8 @@ def parse_args():
     p.add_argument("--seeds", default=None, help="tuning seeds of both implementations, comma-separated: SignRound "
                    "runs once per seed, the ratios are printed per seed and averaged (the calibration samples "
                    "stay the same)")
-    p.add_argument("--seed", type=int, default=42, help="the tuning seed of one run, when --seeds is not given (the calibration "
-                   "samples stay the same)")
+    p.add_argument("--seed", type=int, default=42, help="the tuning seed of one run, when --seeds is not given "
+                   "(the calibration samples stay the same)")
     p.add_argument("--ours-kwargs", default="{}", help="JSON of extra AutoRound arguments for our runs")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=512)
