@@ -163,14 +163,13 @@ def test_parallel_runs_every_item_once_and_other_threads_join(threading):
     assert runs.eq(1).all() and not by_worker.any()
     # Another thread must join a job of slow items. The pool lets the caller do everything while a worker has no
     # core, which on a loaded shared machine can last a whole job, so give it several jobs (seconds in all).
-    joined = False
     for _ in range(25):
         runs, by_worker = native.parallel_check(threading, threads=3, n_items=40, sleep_us=2000)
         assert runs.eq(1).all()
         if by_worker.any():
-            joined = True
             break
-    assert joined, "no worker thread ran an item in 25 jobs of 80 ms"
+    else:
+        pytest.fail("no worker thread ran an item in 25 jobs of 80 ms")
     for _ in range(200):  # many short jobs back to back: no item lost or run twice across generations
         runs, _ = native.parallel_check(threading, threads=2, n_items=7)
         assert runs.eq(1).all()
