@@ -29,7 +29,8 @@ class TuningOptions:
     enable_quanted_input: bool = True
     disable_opt_rtn: bool = False
     # start SignRound's min/max scales from the optimised-RTN search (on by default: SmolLM2-135M W4G128, 4 blocks,
-    # iters 50, on an AVX2 machine: perplexity gap to float 0.590 -> 0.397; see benchmarks/tuning.py)
+    # iters 50, seeds 42/7/1: perplexity gap to float 0.572/0.793/0.948 from the plain start, 0.555/0.502/0.767
+    # from this one; benchmarks/results/tuning_w4g128_blocks4_3seeds*.txt)
     init_opt_rtn: bool = True
     cache_dtype: torch.dtype | None = None  # None: the model's dtype
     report: object = None  # a TuningReport to fill in (else a new one is returned)
