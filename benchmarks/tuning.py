@@ -238,6 +238,10 @@ def print_table(rows, args) -> None:
         print(f"{r['method']:22} {r['scheme']:10} {r['iters']:>5} {r['seed']:>4} {ppl:9.3f} {ppl - float_ppl:8.3f} "
               f"{r.get('tune_s', float('nan')):8.1f} {r.get('peak_rss_mb', float('nan')):12.0f}"
               + (f"  {r['error']}" if "error" in r else ""))
+    for (scheme, iters), gaps in ours_gaps(rows, float_ppl).items():
+        if len(gaps) > 1:
+            print(f"ours signround, {scheme} iters {iters}, mean gap over {len(gaps)} seeds: "
+                  f"{sum(gaps) / len(gaps):.3f}")
     for (scheme, iters), pairs in paired(rows).items():
         ratios = [ratio(ours, ref, float_ppl) for ours, ref in pairs]
         for (ours, _), (gap, tune, rss) in zip(pairs, ratios):
@@ -250,6 +254,15 @@ def print_table(rows, args) -> None:
                   f"{mean[1]:.3f} = x{mean[0] / mean[1]:.2f}, tuning time {mean[2]:.1f} / {mean[3]:.1f} s = "
                   f"x{mean[2] / mean[3]:.2f}")
     sys.stdout.flush()
+
+
+def ours_gaps(rows, float_ppl: float) -> dict:
+    """(scheme, iters) -> perplexity gaps of our SignRound runs, one per seed."""
+    out: dict = {}
+    for r in rows:
+        if r["method"] == "ours signround" and "ppl" in r:
+            out.setdefault((r["scheme"], r["iters"]), []).append(r["ppl"] - float_ppl)
+    return out
 
 
 def ratio(ours: dict, ref: dict, float_ppl: float) -> tuple[float, float, float]:
@@ -294,6 +307,7 @@ def parse_args():
     p.add_argument("--work", default="/tmp/bench_tuning")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "tuning.json"))
     p.add_argument("--progress", action="store_true")
+    p.add_argument("--show", metavar="JSON", help="print the tables of a run saved with --json, and exit")
     # worker-only arguments
     p.add_argument("--worker", choices=sorted(WORKERS))
     p.add_argument("--float-dir")
@@ -306,6 +320,11 @@ def parse_args():
 
 def main() -> None:
     args = parse_args()
+    if args.show:  # the tables of a finished run
+        with open(args.show) as f:
+            saved = json.load(f)
+        print_table(saved["rows"], argparse.Namespace(**saved["settings"]))
+        return
     if args.worker:
         args.iters = int(args.iters.split(",")[0])
         print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
