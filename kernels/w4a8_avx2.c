@@ -16,7 +16,9 @@
  * activations; two of them added stay below 2 * 2 * 15 * 127 < 2^15.
  *
  * Several activation rows (prefill): up to M_BLOCK rows go through a tile together, so that each 32-byte weight
- * piece is loaded and unpacked once for all of them (tile_groups_mb; groups of gb >= 2 blocks).
+ * piece is loaded and unpacked once for all of them (tile_groups_mb; groups of gb >= 2 blocks). In the AVX512-VNNI
+ * build, batches of GEMM_MIN_M rows or more take a register-blocked product over unpacked panels instead (see
+ * "batched path" below).
  *
  * Threads (parallel.h): the caller and up to threads - 1 others take chunks of CHUNK_TILES tiles one at a time.
  */
@@ -276,10 +278,173 @@ static __m128 tile_blocks(const weights_t *w, int64_t tile, const int8_t *xq, co
     return _mm_sub_ps(hsum4(acc[0], acc[1], acc[2], acc[3]), corr);
 }
 
+/* ------------------------------------------------------------------------------------ batched path (AVX512) */
+/* From GEMM_MIN_M activation rows on, the VNNI build runs a register-blocked product instead: per panel of
+ * GEMM_ROWS = 32 output rows (8 tiles) the codes are unpacked once per call into the dpbusd layout
+ * [block][step][32 rows][4 codes] (step s = inputs 4s..4s+3 of the block), so that one zmm holds 4 codes of 16 rows,
+ * and each 4-byte group of an activation row is broadcast against it. A micro-tile of GEMM_M = 4 activation rows x
+ * 32 outputs keeps 8 integer, 8 block-float and 8 group-float accumulators in registers:
+ *     block sum  = exact integer dot over 32 inputs, times the row's d_b     (per block)
+ *     group sum += block sums; y += scale * group sum - scale * zero * xsum  (per group)
+ * The integers are those of the one-row path; only the float summation order differs (results agree to float32
+ * rounding). Output rows past the last whole panel (N % 32) take the one-row path's tiles. */
+#define GEMM_ROWS 32
+#if defined(W4A8_VNNI) && defined(__AVX512F__) && defined(__AVX512BW__)
+#define W4A8_GEMM 1
+#define GEMM_TILES (GEMM_ROWS / TILE)
+#define GEMM_M M_BLOCK /* rows_t holds M_BLOCK rows */
+#ifndef GEMM_MIN_M
+#define GEMM_MIN_M 8 /* measured: from 8 rows on it beats the one-row path on 2048/8192 shapes */
+#endif
+
+/* r[i] (16 dwords each) -> r[j] lane i = old r[i] dword j */
+static inline void transpose16(__m512i r[16]) {
+    __m512i a[16], b[16];
+    for (int i = 0; i < 16; i += 2) {
+        a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int q = 0; q < 16; q += 4) {  /* b[q + j], 128-bit lane L: rows q..q+3 of dword 4L + j */
+        b[q] = _mm512_unpacklo_epi64(a[q], a[q + 2]);
+        b[q + 1] = _mm512_unpackhi_epi64(a[q], a[q + 2]);
+        b[q + 2] = _mm512_unpacklo_epi64(a[q + 1], a[q + 3]);
+        b[q + 3] = _mm512_unpackhi_epi64(a[q + 1], a[q + 3]);
+    }
+    for (int j = 0; j < 4; j++) {  /* 4 x 4 transpose of 128-bit lanes among b[j], b[4 + j], b[8 + j], b[12 + j] */
+        const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x44), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xee);
+        const __m512i c2 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x44);
+        const __m512i c3 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xee);
+        r[j] = _mm512_shuffle_i32x4(c0, c2, 0x88);
+        r[4 + j] = _mm512_shuffle_i32x4(c0, c2, 0xdd);
+        r[8 + j] = _mm512_shuffle_i32x4(c1, c3, 0x88);
+        r[12 + j] = _mm512_shuffle_i32x4(c1, c3, 0xdd);
+    }
+}
+
+/* One row's 32-byte piece of a pair -> its 64 codes in input order (first block, then second) as 16 dwords. */
+static inline __m512i piece_codes(const uint8_t *wp) {
+    __m256i lo, hi;
+    unpack_piece(wp, &lo, &hi);
+    const __m256i first = _mm256_permute2x128_si256(lo, hi, 0x20), second = _mm256_permute2x128_si256(lo, hi, 0x31);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(first), second, 1);
+}
+
+typedef struct {
+    uint32_t *codes; /* [2 * np blocks][8 steps][GEMM_ROWS]: 4 codes of one row */
+    float *scale;    /* [Gp][GEMM_ROWS] */
+    float *szero;    /* [Gp][GEMM_ROWS]: scale * zero */
+} panel_t;
+
+static void unpack_panel(const weights_t *w, int64_t t0, const panel_t *P) {
+    for (int h = 0; h < 2; h++) {
+        for (int64_t p = 0; p < w->np; p++) {
+            __m512i r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = piece_codes(w->wq + ((t0 + 4 * h + i / 4) * w->np + p) * TILE * 32 + (i % 4) * 32);
+            transpose16(r);
+            for (int j = 0; j < 16; j++)
+                _mm512_storeu_si512(P->codes + ((2 * p + j / 8) * 8 + j % 8) * GEMM_ROWS + 16 * h, r[j]);
+        }
+    }
+    for (int64_t g = 0; g < w->Gp; g++) {
+        for (int n = 0; n < GEMM_ROWS; n++) {
+            const int64_t i = ((t0 + n / TILE) * w->Gp + g) * TILE + n % TILE;
+            const float s = w->scale_f32 ? ((const float *)w->scale)[i] : _cvtsh_ss(((const uint16_t *)w->scale)[i]);
+            P->scale[g * GEMM_ROWS + n] = s;
+            P->szero[g * GEMM_ROWS + n] = s * (float)w->zero[i];
+        }
+    }
+}
+
+/* Where the 4 activation codes of step s of block b are in the pair order of quantize_row. */
+static inline int64_t act_offset(int64_t b, int s) {
+    return (b / 2) * PAIR + (s < 4 ? 0 : 32) + (b % 2) * 16 + (s % 4) * 4;
+}
+
+static inline int32_t load_i32(const int8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+/* The 32 outputs of a panel for GEMM_M activation rows: acc[m][h] = outputs 16h..16h+15 of row m. */
+static void gemm_tile(const weights_t *w, const panel_t *P, const rows_t *rows, __m512 acc[GEMM_M][2]) {
+    for (int m = 0; m < GEMM_M; m++) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < w->Gp; g++) {
+        __m512 ga[GEMM_M][2];
+        for (int m = 0; m < GEMM_M; m++) ga[m][0] = ga[m][1] = _mm512_setzero_ps();
+        for (int64_t b = g * w->gb; b < (g + 1) * w->gb; b++) {
+            const uint32_t *pw = P->codes + b * 8 * GEMM_ROWS;
+            __m512i ia[GEMM_M][2];
+            for (int m = 0; m < GEMM_M; m++) ia[m][0] = ia[m][1] = _mm512_setzero_si512();
+            for (int s = 0; s < 8; s++) {
+                const __m512i w0 = _mm512_loadu_si512(pw + s * GEMM_ROWS);
+                const __m512i w1 = _mm512_loadu_si512(pw + s * GEMM_ROWS + 16);
+                const int64_t off = act_offset(b, s);
+                for (int m = 0; m < GEMM_M; m++) {
+                    const __m512i x = _mm512_set1_epi32(load_i32(rows->xq[m] + off));
+                    ia[m][0] = _mm512_dpbusd_epi32(ia[m][0], w0, x);
+                    ia[m][1] = _mm512_dpbusd_epi32(ia[m][1], w1, x);
+                }
+            }
+            for (int m = 0; m < GEMM_M; m++) {
+                const __m512 d = _mm512_set1_ps(rows->xd[m][b]);
+                ga[m][0] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[m][0]), d, ga[m][0]);
+                ga[m][1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ia[m][1]), d, ga[m][1]);
+            }
+        }
+        for (int h = 0; h < 2; h++) {
+            const __m512 s = _mm512_loadu_ps(P->scale + g * GEMM_ROWS + 16 * h);
+            const __m512 sz = _mm512_loadu_ps(P->szero + g * GEMM_ROWS + 16 * h);
+            for (int m = 0; m < GEMM_M; m++) {
+                acc[m][h] = _mm512_fmadd_ps(ga[m][h], s, acc[m][h]);
+                acc[m][h] = _mm512_fnmadd_ps(sz, _mm512_set1_ps(rows->xsum[m][g]), acc[m][h]);
+            }
+        }
+    }
+}
+
+static inline void store16(void *y, int dt, int64_t i, __m512 v) {
+    if (dt == DT_F32) {
+        _mm512_storeu_ps((float *)y + i, v);
+    } else if (dt == DT_F16) {
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + i), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    } else { /* bfloat16, rounded to nearest even as to_bf16 */
+        const __m512i u = _mm512_castps_si512(v);
+        const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+        __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff)));
+        const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+        _mm256_storeu_si256((__m256i *)((uint16_t *)y + i), _mm512_cvtepi32_epi16(_mm512_srli_epi32(r, 16)));
+    }
+}
+
+/* All activation rows against panel `panel` (output rows 32 * panel ...). */
+static void run_panel(const weights_t *w, const acts_t *a, int64_t panel, const panel_t *P, void *y, int dt) {
+    const int64_t t0 = panel * GEMM_TILES, n0 = t0 * TILE;
+    unpack_panel(w, t0, P);
+    __m512 bias[2];
+    for (int h = 0; h < 2; h++) bias[h] = w->bias ? _mm512_loadu_ps(w->bias + n0 + 16 * h) : _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < a->M; m0 += GEMM_M) {
+        const int64_t m1 = m0 + GEMM_M < a->M ? m0 + GEMM_M : a->M;
+        rows_t rows;
+        for (int m = 0; m < GEMM_M; m++) {
+            const int64_t row = m0 + m < m1 ? m0 + m : m1 - 1;
+            rows.xq[m] = a->xq + row * w->np * PAIR;
+            rows.xd[m] = a->xd + row * w->np * 2;
+            rows.xsum[m] = a->xsum + row * w->Gp;
+        }
+        __m512 acc[GEMM_M][2];
+        gemm_tile(w, P, &rows, acc);
+        for (int64_t m = m0; m < m1; m++)
+            for (int h = 0; h < 2; h++) store16(y, dt, m * w->N + n0 + 16 * h, _mm512_add_ps(acc[m - m0][h], bias[h]));
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------------------------------- driver */
-static void run_chunk(const weights_t *w, const acts_t *a, int64_t chunk, void *y, int dt) {
-    const int64_t t0 = chunk * CHUNK_TILES, n_tiles = w->N / TILE;
-    const int64_t t1 = t0 + CHUNK_TILES < n_tiles ? t0 + CHUNK_TILES : n_tiles;
+/* Tiles t0..t1-1 for every activation row, the one-row path. */
+static void run_tiles(const weights_t *w, const acts_t *a, int64_t t0, int64_t t1, void *y, int dt) {
     const int64_t xq_row = w->np * PAIR, xd_row = w->np * 2;
     for (int64_t m0 = 0; m0 < a->M; m0 += M_BLOCK) {
         const int64_t m1 = m0 + M_BLOCK < a->M ? m0 + M_BLOCK : a->M;
@@ -330,6 +495,8 @@ typedef struct {
     const void *x;
     void *y;
     int dt;
+    int64_t panels; /* batched path: whole panels of GEMM_ROWS outputs; the rest is one more item */
+    int *failed;    /* set when a thread could not get its panel scratch */
 } job_t;
 
 static void quantize_item(const void *ctx, int64_t m) {
@@ -341,8 +508,44 @@ static void quantize_item(const void *ctx, int64_t m) {
 
 static void chunk_item(const void *ctx, int64_t c) {
     const job_t *j = ctx;
-    run_chunk(j->w, j->a, c, j->y, j->dt);
+    const int64_t t0 = c * CHUNK_TILES, n_tiles = j->w->N / TILE;
+    run_tiles(j->w, j->a, t0, t0 + CHUNK_TILES < n_tiles ? t0 + CHUNK_TILES : n_tiles, j->y, j->dt);
 }
+
+#ifdef W4A8_GEMM
+/* Per-thread scratch for one unpacked panel, grown on demand (never shrunk). */
+static _Thread_local void *panel_scratch;
+static _Thread_local size_t panel_scratch_size;
+
+static int get_panel(const weights_t *w, panel_t *P) {
+    const size_t code_bytes = (size_t)(w->np * 2 * 8 * GEMM_ROWS) * 4, scale_bytes = (size_t)(w->Gp * GEMM_ROWS) * 4;
+    const size_t n = code_bytes + 2 * scale_bytes;
+    if (n > panel_scratch_size) {
+        free(panel_scratch);
+        panel_scratch = aligned_alloc(64, (n + 63) / 64 * 64);
+        panel_scratch_size = panel_scratch ? n : 0;
+    }
+    if (!panel_scratch) return 0;
+    P->codes = panel_scratch;
+    P->scale = (float *)((char *)panel_scratch + code_bytes);
+    P->szero = (float *)((char *)panel_scratch + code_bytes + scale_bytes);
+    return 1;
+}
+
+static void panel_item(const void *ctx, int64_t i) {
+    const job_t *j = ctx;
+    if (i == j->panels) {
+        run_tiles(j->w, j->a, j->panels * GEMM_TILES, j->w->N / TILE, j->y, j->dt);
+        return;
+    }
+    panel_t P;
+    if (!get_panel(j->w, &P)) {
+        __atomic_store_n(j->failed, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    run_panel(j->w, j->a, i, &P, j->y, j->dt);
+}
+#endif
 
 /* What the caller keeps per layer (built once, see native.py). */
 typedef struct {
@@ -364,10 +567,26 @@ int w4a8_linear(const layer_t *L, const float *bias, const void *x, void *y, int
     char *buf = get_scratch(xq_bytes + xd_bytes + (size_t)(M * Gp) * sizeof(float));
     if (!buf) return -1;
     const acts_t a = {(int8_t *)buf, (float *)(buf + xq_bytes), (float *)(buf + xq_bytes + xd_bytes), M};
-    const job_t job = {&w, &a, x, y, dt};
+    int failed = 0;
+    const job_t job = {&w, &a, x, y, dt, N / GEMM_ROWS, &failed};
     parallel_run(mode, M >= 4 ? threads : 1, M, quantize_item, &job);
+#ifdef W4A8_GEMM
+    if (M >= GEMM_MIN_M && job.panels > 0) {
+        parallel_run(mode, threads, job.panels + (N % GEMM_ROWS != 0), panel_item, &job);
+        return failed ? -1 : 0;
+    }
+#endif
     parallel_run(mode, threads, (N / TILE + CHUNK_TILES - 1) / CHUNK_TILES, chunk_item, &job);
     return 0;
+}
+
+/* From how many activation rows on this build takes the batched path (0: it has none). */
+int w4a8_batched_from(void) {
+#ifdef W4A8_GEMM
+    return GEMM_MIN_M;
+#else
+    return 0;
+#endif
 }
 
 /* Which integer dot this build does: 1 = AVX512-VNNI dpbusd, 0 = AVX2 maddubs. */

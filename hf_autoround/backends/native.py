@@ -2,6 +2,8 @@
 mapped to 0..15 as for torch's int4 op) times activations quantised on the fly to int8 per block of 32 (like
 llama.cpp's Q8_0), integer dot products with AVX2 ``maddubs`` (AVX512-VNNI ``dpbusd`` where the CPU has it) and
 float accumulation per block and group; a prefill batch shares each unpacked weight piece among four activation rows.
+In the AVX512-VNNI build a batch of ``batched_from()`` rows or more (8) runs instead as a register-blocked GEMM over
+panels of 32 output rows unpacked once per call: the same integer dots, the float sums in another order.
 
 At load the weights are repacked once into tiles of 4 output rows that the kernel streams front to back (see the C
 source for the byte layout), with float16 scales (float32 when a scale is not exactly a float16) and int8 zero
@@ -52,6 +54,7 @@ def load_variant(variant: str) -> ctypes.CDLL:
     lib.w4a8_parallel_check.argtypes = [i32, i32, i64, i32, p, p]
     lib.w4a8_parallel_check.restype = None
     lib.w4a8_vnni.argtypes, lib.w4a8_vnni.restype = [], i32
+    lib.w4a8_batched_from.argtypes, lib.w4a8_batched_from.restype = [], i32
     return lib
 
 
@@ -89,6 +92,12 @@ def load_library():
 def instruction_set() -> str:
     """Which build runs: "avx512vnni" or "avx2" (raises RuntimeError when none can)."""
     return "avx512vnni" if load_library().w4a8_vnni() else "avx2"
+
+
+def batched_from(lib=None) -> int:
+    """From how many activation rows on a build takes its batched (register-blocked GEMM) path; 0 when it has none
+    (the AVX2 build)."""
+    return (lib or load_library()).w4a8_batched_from()
 
 
 def parallel_check(threading: str, threads: int, n_items: int, sleep_us: int = 0):

@@ -107,20 +107,73 @@ def test_w4a8_matches_reference(bits, group_size, sym, shape):
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256, -1])
 def test_every_instruction_set_build_gives_the_same_bits(group_size):
     """The AVX512-VNNI build (where this CPU has it) sums the same integers as the AVX2 one, and a batch shares the
-    weight unpacking among 4 rows (tails of 1-3): every output equals the AVX2 build's bit for bit."""
+    weight unpacking among 4 rows (tails of 1-3): below its batched path every output equals the AVX2 build's bit
+    for bit; from there on (float sums in another order) it agrees to float32 rounding."""
     variants = native_build.usable_variants()
     layer = make_layer(512, 48, QuantScheme(4, group_size, False), asym_extreme=True)
     kernel = native.W4A8Kernel(layer)
     x = torch.randn(11, 512, generator=torch.Generator().manual_seed(6))
     kernel.lib = native.load_variant("avx2")
-    want = {m: kernel(x[:m]) for m in (1, 2, 3, 4, 5, 8, 11)}
+    assert native.batched_from(kernel.lib) == 0
+    want = {m: kernel(x[:m]) for m in (1, 2, 3, 4, 5, 7, 8, 11)}
     torch.testing.assert_close(want[11].double(), w4a8_reference(layer, x), rtol=2e-6, atol=2e-6)
     assert torch.equal(want[5], want[11][:5])  # a row's result does not depend on the batch it is in
     for variant in variants:
         kernel.lib = native.load_variant(variant)
         assert kernel.lib.w4a8_vnni() == (variant == "avx512vnni")
+        batched = native.batched_from(kernel.lib) or 10**9
         for m, y in want.items():
-            assert torch.equal(kernel(x[:m]), y), (variant, m)
+            if m < batched:
+                assert torch.equal(kernel(x[:m]), y), (variant, m)
+            else:
+                torch.testing.assert_close(kernel(x[:m]), y, rtol=2e-6, atol=2e-6)
+
+
+needs_batched = pytest.mark.skipif(not native.available() or not native.batched_from(),
+                                   reason="this CPU's build has no batched path (needs AVX512-VNNI)")
+
+
+@needs_batched
+@pytest.mark.parametrize("scheme,shape", [(QuantScheme(4, 128, True), (512, 80)),  # 2 panels + 16 rows of tail
+                                          (QuantScheme(4, 32, False), (96, 64)),  # op group 32, odd block count
+                                          (QuantScheme(2, 64, False), (256, 32)),
+                                          (QuantScheme(4, -1, True), (512, 16)),  # no whole panel: one-row path
+                                          (QuantScheme(3, 128, False), (256, 96))])
+def test_batched_path_is_exact_against_int8_activation_emulation(scheme, shape):
+    layer = make_layer(*shape, scheme, asym_extreme=not scheme.sym)
+    kernel = native.W4A8Kernel(layer)
+    m = native.batched_from() * 4 + 5  # whole tiles of 4 rows and a tail of one
+    x = torch.randn(m, shape[0], generator=torch.Generator().manual_seed(8))
+    x[1, :32] = 0
+    x[2, 40] = 50.0
+    y = kernel(x)
+    assert rel_err(y, w4a8_reference(layer, x)) < 2e-6
+    assert torch.equal(kernel(x[:native.batched_from()]), y[:native.batched_from()])  # independent of the batch
+    for dtype in (torch.bfloat16, torch.float16):
+        half = kernel(x.to(dtype))
+        assert half.dtype == dtype
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(half.float(), w4a8_reference(layer, x.to(dtype)).to(dtype).float(), rtol=eps,
+                                   atol=1e-6)
+
+
+@needs_batched
+def test_batched_path_non_finite_inputs_and_threads():
+    layer = make_layer(256, 64, QuantScheme(4, 128, True))
+    kernel = native.W4A8Kernel(layer)
+    x = torch.randn(native.batched_from() + 3, 256, generator=torch.Generator().manual_seed(9))
+    x[0, 5], x[1, 100] = float("nan"), float("inf")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(x)
+        torch.set_num_threads(2)
+        for mode in native.THREADING:
+            kernel.threading = native.THREADING[mode]
+            torch.testing.assert_close(kernel(x), one, rtol=0, atol=0, equal_nan=True, msg=mode)
+    finally:
+        torch.set_num_threads(threads)
+    assert one[0].isnan().all() and not one[1].isfinite().any() and one[2:].isfinite().all()
 
 
 @needs_native
@@ -149,7 +202,10 @@ def test_w4a8_threads_batches_and_odd_inputs_agree():
     finally:
         torch.set_num_threads(threads)
     rows = torch.cat([kernel(x[i]).unsqueeze(0) for i in range(9)])  # 1-D inputs, one row at a time
-    assert torch.equal(rows, one)
+    if 0 < native.batched_from() <= 9:  # the batch took the batched path: float sums in another order
+        torch.testing.assert_close(rows, one, rtol=2e-6, atol=2e-6)
+    else:
+        assert torch.equal(rows, one)
     assert torch.equal(kernel(x.t().contiguous().t()), one)  # non-contiguous input
     assert kernel(x[:0]).shape == (0, 80)
     zeros = kernel(torch.zeros(2, 512))
