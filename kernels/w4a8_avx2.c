@@ -189,6 +189,15 @@ static inline __m128 load_zeros(const weights_t *w, int64_t tile, int64_t g) {
     return _mm_cvtepi32_ps(_mm_cvtepi8_epi32(_mm_cvtsi32_si128(z)));
 }
 
+/* One-row paths: ask for the weight stream PREFETCH_BYTES ahead of the pair being read (a hint; it never faults
+ * past the end). Measured side by side on the five benchmark shapes: a few percent more bandwidth, most on long
+ * rows (14336 inputs). */
+#define PREFETCH_BYTES 4096
+static inline void prefetch_ahead(const uint8_t *wp) {
+    _mm_prefetch((const char *)(wp + PREFETCH_BYTES), _MM_HINT_T0);
+    _mm_prefetch((const char *)(wp + PREFETCH_BYTES + 64), _MM_HINT_T0);
+}
+
 /* The four outputs of one tile for one activation row, groups of gb >= 2 blocks (whole pairs). */
 static __m128 tile_groups(const weights_t *w, int64_t tile, const int8_t *xq, const float *xd, const float *xsum) {
     const int64_t ppg = w->gb / 2, G = w->Gp;
@@ -200,6 +209,7 @@ static __m128 tile_groups(const weights_t *w, int64_t tile, const int8_t *xq, co
         __m256 ga[TILE];
         for (int r = 0; r < TILE; r++) ga[r] = _mm256_setzero_ps();
         for (int64_t p = g * ppg; p < (g + 1) * ppg; p++, wp += TILE * 32) {
+            prefetch_ahead(wp);
             const __m256i xl = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR));
             const __m256i xh = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR + 32));
             const __m256 d = pair_scales(xd, p);
@@ -263,6 +273,7 @@ static __m128 tile_blocks(const weights_t *w, int64_t tile, const int8_t *xq, co
     __m128 corr = _mm_setzero_ps();
     for (int r = 0; r < TILE; r++) acc[r] = _mm256_setzero_ps();
     for (int64_t p = 0; p < w->np; p++, wp += TILE * 32) {
+        prefetch_ahead(wp);
         const __m256i xl = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR));
         const __m256i xh = _mm256_loadu_si256((const __m256i *)(xq + p * PAIR + 32));
         const __m256 d = pair_scales(xd, p);
