@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch_size", type=int, default=None, help="samples per tuning step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of the rounding (default 1/iters)")
     p.add_argument("--minmax_lr", type=float, default=None, help="learning rate of the range scales (default lr)")
+    p.add_argument("--nblocks", type=int, default=1,
+                   help="consecutive blocks tuned together, with one loss at the last one's output (not with "
+                        "--resume)")
     p.add_argument("--dataset", default=None,
                    help="calibration data: local .txt/.json/.jsonl files, combined as 'a.jsonl:num=256,b.txt' "
                         "(default: the calibration set bundled with the package)")

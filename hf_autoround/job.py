@@ -59,7 +59,7 @@ def run_job(args, config) -> EvalTable:
     tuning = TuningReport()
     uses_data = config.iters > 0 or args.dataset is not None
     plan = quantize_model(_on_device(model, args.device), config, tokenizer=tokenizer, dataset=args.dataset,
-                          **(_scale_options(args) if uses_data else {}),
+                          **(_tuning_kwargs(args) if uses_data else {}),
                           progress=not args.quiet, gguf_format=grid_target(args.format),
                           **({"report": tuning} if uses_data else {}))
     seconds = time.perf_counter() - start
@@ -69,7 +69,7 @@ def run_job(args, config) -> EvalTable:
     if args.resume:
         from .tuning.resume import remove_resume_dir
 
-        remove_resume_dir(_scale_options(args)["resume_dir"])
+        remove_resume_dir(_tuning_kwargs(args)["resume_dir"])
     first = next(iter(targets.values()))
     reloaded = _reload(first)
     files = write_report(build_report(plan, tuning, reloaded, seconds), first)
@@ -83,11 +83,13 @@ def run_job(args, config) -> EvalTable:
     return table
 
 
-def _scale_options(args) -> dict:
-    """--resume / --resume_dir / --low_cpu_mem_usage as tuning keyword arguments."""
+def _tuning_kwargs(args) -> dict:
+    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks as tuning keyword arguments."""
     from .autoround import default_resume_dir
 
     out = {"low_cpu_mem_usage": True} if args.low_cpu_mem_usage else {}
+    if args.nblocks != 1:
+        out["nblocks"] = args.nblocks
     if args.resume:
         out.update(resume=True, resume_dir=args.resume_dir or default_resume_dir(args.output_dir))
     return out

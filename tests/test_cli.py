@@ -119,3 +119,12 @@ def test_resume_low_memory_and_device_flags_parse_and_are_checked(tmp_path, caps
             parse_args(["--device", "cuda"])
         assert "device='cuda': no cuda device is available" in capsys.readouterr().err
 
+
+
+def test_nblocks_flag_reaches_the_tuning_arguments(tmp_path):
+    from hf_autoround.job import _tuning_kwargs
+
+    args, _ = parse_args(["--nblocks", "2"])
+    assert args.nblocks == 2 and _tuning_kwargs(args) == {"nblocks": 2}
+    args, _ = parse_args(["--resume", "--resume_dir", str(tmp_path / "r")])
+    assert "nblocks" not in _tuning_kwargs(args)  # the default (1) is not passed

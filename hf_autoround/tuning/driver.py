@@ -12,6 +12,7 @@ import torch.nn as nn
 from ..qdq import quantize_weight
 from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
+from .block_group import BlockGroup, group_indices
 from .cache import BlockInputs, capture_block_inputs, run_block
 from .data import get_calibration_data
 from .layer_loss import FirstInputs, layer_losses
@@ -74,22 +75,34 @@ def _tune_container(model, name, container, plan, data, options: TuningOptions, 
         return
     inputs = capture_block_inputs(model, container[0], data, options.cache_dtype)
     first, fp_hidden, q_hidden = session.restore(name, container, inputs, report, bar)
-    for index, block in enumerate(container[:last + 1]):  # blocks after the last planned layer stay as they are
-        if index < first:  # finished by the run this one resumes
-            continue
-        prefix, layers = f"{name}.{index}", per_block[index]
-        stats = BlockStats(prefix, len(layers))
+    # blocks after the last planned layer stay as they are; blocks before `first` were finished by a resumed run
+    for indices in group_indices(first, last, options.nblocks):
+        unit, prefix, layers = _tuning_unit(name, container, indices, per_block)
+        label = prefix if len(indices) == 1 else f"{name}.{indices[0]}-{indices[-1]}"
+        stats = BlockStats(label, len(layers))
         start = time.perf_counter()
-        with session.tuning(prefix, block), _fp32_block(block):
-            fp_hidden, q_hidden = _process_block(model, block, prefix, layers, inputs, fp_hidden, q_hidden,
-                                                 options, index, stats, plan.packing_format)
+        with contextlib.ExitStack() as stack:
+            for index in indices:
+                stack.enter_context(session.tuning(f"{name}.{index}", container[index]))
+            stack.enter_context(_fp32_block(unit))
+            fp_hidden, q_hidden = _process_block(model, unit, prefix, layers, inputs, fp_hidden, q_hidden,
+                                                 options, indices[0], stats, plan.packing_format)
         stats.seconds = time.perf_counter() - start
         report.blocks.append(stats)
-        session.finished(name, index, block, layers, fp_hidden, q_hidden, stats)
-        logger.debug("%s: loss %.4g -> %.4g (iter %d), output mse %.4g, %.1f s", prefix, stats.first_loss,
+        for index in indices:
+            session.finished(name, index, container[index], per_block[index], fp_hidden, q_hidden, stats)
+        logger.debug("%s: loss %.4g -> %.4g (iter %d), output mse %.4g, %.1f s", label, stats.first_loss,
                      stats.best_loss, stats.best_iter, stats.output_mse, stats.seconds)
-        bar.update(stats)
+        bar.update(stats, blocks=len(indices))
     bar.bar.update(len(container) - last - 1)
+
+
+def _tuning_unit(name: str, container, indices: list[int], per_block: list[dict]):
+    """(module, packing prefix, planned layers relative to it) for one block or a group of them."""
+    if len(indices) == 1:
+        return container[indices[0]], f"{name}.{indices[0]}", per_block[indices[0]]
+    layers = {f"{i}.{n}": s for i in indices for n, s in per_block[i].items()}
+    return BlockGroup(indices, [container[i] for i in indices]), name, layers
 
 
 def _block_layers(plan, prefix: str) -> dict:

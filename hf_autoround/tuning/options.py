@@ -27,6 +27,7 @@ class TuningOptions:
     resume_dir: str | None = None  # resume=True: where finished blocks are checkpointed (see ``resume``)
     low_cpu_mem_usage: bool = False  # blocks read from the checkpoint files one at a time (see ``lazy_blocks``)
     enable_quanted_input: bool = True
+    nblocks: int = 1  # consecutive blocks tuned together, one loss at the last one's output (block_group)
     disable_opt_rtn: bool = False
     # start SignRound's min/max scales from the optimised-RTN search (on by default: SmolLM2-135M W4G128, 4 blocks,
     # iters 50, seeds 42/7/1: perplexity gap to float 0.572/0.793/0.948 from the plain start, 0.555/0.502/0.767
@@ -57,9 +58,9 @@ class TuningOptions:
         ignored = {k: kwargs.pop(k) for k in _NO_OP_KWARGS if k in kwargs}
         resume_dir = _resume_dir(kwargs.pop("resume", False), kwargs.pop("resume_dir", None))
         low_cpu_mem_usage = bool(kwargs.pop("low_cpu_mem_usage", False))
-        nblocks = kwargs.pop("nblocks", 1)
-        if nblocks != 1:
-            raise ValueError(f"nblocks={nblocks!r}: only nblocks=1 (one block at a time) is implemented")
+        nblocks = _positive_int("nblocks", kwargs.pop("nblocks", 1))
+        if nblocks > 1 and resume_dir:
+            raise ValueError(f"nblocks={nblocks} with resume=True: a run resumes block by block; use nblocks=1")
         signround = SignRoundSettings(
             iters=config.iters, lr=config.lr, minmax_lr=config.minmax_lr, batch_size=config.batch_size,
             gradient_accumulate_steps=_positive_int("gradient_accumulate_steps",
@@ -78,7 +79,7 @@ class TuningOptions:
         )
         if kwargs:
             raise TypeError(f"unknown tuning arguments: {sorted(kwargs)}")
-        options.resume_dir, options.low_cpu_mem_usage = resume_dir, low_cpu_mem_usage
+        options.resume_dir, options.low_cpu_mem_usage, options.nblocks = resume_dir, low_cpu_mem_usage, nblocks
         return options
 
 

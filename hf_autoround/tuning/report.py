@@ -71,12 +71,12 @@ class Progress:
     def __init__(self, total: int, enabled: bool, desc: str):
         self.bar = tqdm(total=total, desc=desc, unit="block", disable=not enabled, dynamic_ncols=True)
 
-    def update(self, stats: BlockStats) -> None:
+    def update(self, stats: BlockStats, blocks: int = 1) -> None:
         if math.isnan(stats.first_loss):
             self.bar.set_postfix_str(f"{stats.name} out-mse {stats.output_mse:.3g}")
         else:
             self.bar.set_postfix_str(f"{stats.name} loss {stats.first_loss:.3g}->{stats.best_loss:.3g}")
-        self.bar.update(1)
+        self.bar.update(blocks)
 
     def close(self) -> None:
         self.bar.close()

@@ -147,3 +147,46 @@ def test_model_quantize_from_the_transformers_quantizer(tmp_path):
     layer = loaded.model.layers[1].mlp.up_proj
     assert isinstance(layer, QuantLinear)
     assert torch.equal(layer.qweight, model.model.layers[1].mlp.up_proj.qweight)
+
+
+def logits_error(model, reference, tokens) -> float:
+    with torch.no_grad():
+        return float((model(tokens).logits - reference(tokens).logits).pow(2).mean())
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+def test_nblocks_tunes_consecutive_blocks_together(arch):
+    tokens = torch.stack(calib(n=4, seed=5))
+    float_model = build_tiny_model(arch)
+    errors, runs = {}, {}
+    for nblocks, iters in ((1, 0), (2, 40), (2, 40), (1, 40)):
+        report = TuningReport()
+        model = build_tiny_model(arch)
+        quantize_model(model, config(bits=2, iters=iters, batch_size=8), dataset=calib(), progress=False,
+                       report=report, nblocks=nblocks)
+        errors[nblocks, iters] = logits_error(model, float_model, tokens)
+        runs.setdefault((nblocks, iters), []).append(packed(model))
+        if nblocks == 2:  # both tiny blocks in one group: one tuning unit, every planned linear packed
+            assert [b.name.rsplit(".", 1)[-1] for b in report.blocks] == ["0-1"]
+            group = report.blocks[0]
+            assert group.layers == len(runs[1, 0][0]) and group.best_loss < group.first_loss
+    assert runs[2, 40][0].keys() == runs[1, 0][0].keys()
+    assert same_packing(runs[2, 40][0], runs[2, 40][1])  # reproducible
+    assert not same_packing(runs[2, 40][0], runs[1, 40][0])  # the grouping changes what is learned
+    assert errors[2, 40] < errors[1, 0], errors
+
+
+def test_nblocks_larger_than_the_model_and_bad_values():
+    report = TuningReport()
+    quantize_model(build_tiny_model("llama"), config(iters=2), dataset=calib(), progress=False, report=report,
+                   nblocks=5)
+    assert len(report.blocks) == 1 and report.blocks[0].name.endswith("0-1")
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="nblocks"):
+            quantize_model(build_tiny_model("llama"), config(), dataset=calib(), progress=False, nblocks=bad)
+
+
+def test_nblocks_with_resume_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="nblocks=2 with resume=True"):
+        quantize_model(build_tiny_model("llama"), config(), dataset=calib(), progress=False, nblocks=2,
+                       resume=True, resume_dir=str(tmp_path / "r"))
