@@ -84,6 +84,17 @@ def test_low_memory_checkpoint_equals_the_in_memory_one(tmp_path, arch, dtype, t
         torch.testing.assert_close(lazy_model(x).logits.float(), normal(x).logits.float(), atol=0, rtol=0)
 
 
+def test_low_memory_run_with_blocks_tuned_in_groups(tmp_path):
+    path = saved(tmp_path, "llama", torch.float32)
+    AutoRound(AutoModelForCausalLM.from_pretrained(path).eval(), None, nblocks=2, **settings()) \
+        .quantize_and_save(str(tmp_path / "normal"))
+    lazy_model = load_lazily(path)
+    AutoRound(lazy_model, None, low_cpu_mem_usage=True, nblocks=2, **settings()) \
+        .quantize_and_save(str(tmp_path / "lazy"))
+    assert all(t.is_meta for t in lazy_model.model.layers.state_dict().values())  # both blocks went to the store
+    assert_same_checkpoint(tmp_path / "normal", tmp_path / "lazy")
+
+
 def test_low_memory_rtn_and_other_formats(tmp_path):
     path = saved(tmp_path, "llama", torch.float32)
     rtn = dict(bits=4, group_size=32, iters=0, progress=False)
