@@ -12,6 +12,7 @@ import logging
 
 import torch
 
+from .file_pages import page_out
 from .qdq import SCALE_DTYPE
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,7 @@ def apply_nonfinite_policy(model, plan, policy: str = "raise", weights=None) -> 
             reason = weight_problem(weight, plan.quantized[name])
             if reason:
                 problems[name] = reason
+        page_out(weight)  # a weight mapped from its file need not stay resident until its block is tuned
     if broken:
         raise NonFiniteError("the model has NaN/Inf weights, which no checkpoint should carry: " +
                              "; ".join(f"{n}: {c} values" for n, c in broken.items()))
