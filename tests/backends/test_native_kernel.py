@@ -31,6 +31,22 @@ def w4a8_reference(layer, x: torch.Tensor) -> torch.Tensor:
     return F.linear(xq, w, bias).reshape(*x.shape[:-1], layer.out_features)
 
 
+def same_on_any_threads(kernel, x: torch.Tensor) -> torch.Tensor:
+    """The kernel's output on one thread, after checking that two threads in every threading mode give the same
+    bits (NaN where it has NaN)."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = kernel(x)
+        torch.set_num_threads(2)
+        for mode in native.THREADING:
+            kernel.threading = native.THREADING[mode]
+            torch.testing.assert_close(kernel(x), one, rtol=0, atol=0, equal_nan=True, msg=mode)
+    finally:
+        torch.set_num_threads(threads)
+    return one
+
+
 def test_pack_rows_layout_round_trips():
     codes = torch.randint(0, 16, (5, 96), dtype=torch.int32)
     packed = native.pack_rows(codes)
@@ -163,16 +179,7 @@ def test_batched_path_non_finite_inputs_and_threads():
     kernel = native.W4A8Kernel(layer)
     x = torch.randn(native.batched_from() + 3, 256, generator=torch.Generator().manual_seed(9))
     x[0, 5], x[1, 100] = float("nan"), float("inf")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = kernel(x)
-        torch.set_num_threads(2)
-        for mode in native.THREADING:
-            kernel.threading = native.THREADING[mode]
-            torch.testing.assert_close(kernel(x), one, rtol=0, atol=0, equal_nan=True, msg=mode)
-    finally:
-        torch.set_num_threads(threads)
+    one = same_on_any_threads(kernel, x)
     assert one[0].isnan().all() and not one[1].isfinite().any() and one[2:].isfinite().all()
 
 
@@ -191,16 +198,7 @@ def test_w4a8_threads_batches_and_odd_inputs_agree():
     layer = make_layer(512, 16 * 5, QuantScheme(4, 128, True))  # 80 rows: one chunk of 64 plus a tail
     kernel = native.W4A8Kernel(layer)
     x = torch.randn(9, 512, generator=torch.Generator().manual_seed(5))
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = kernel(x)
-        torch.set_num_threads(2)
-        for mode in native.THREADING:
-            kernel.threading = native.THREADING[mode]
-            assert torch.equal(kernel(x), one), mode
-    finally:
-        torch.set_num_threads(threads)
+    one = same_on_any_threads(kernel, x)
     rows = torch.cat([kernel(x[i]).unsqueeze(0) for i in range(9)])  # 1-D inputs, one row at a time
     if 0 < native.batched_from() <= 9:  # the batch took the batched path: float sums in another order
         torch.testing.assert_close(rows, one, rtol=2e-6, atol=2e-6)
