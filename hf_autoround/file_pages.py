@@ -6,7 +6,8 @@ as any weight of the model lives. Measured on SmolLM2-135M (float32): freeing th
 the RSS where it was, and the NaN/Inf check before tuning, which reads every planned weight, brought the whole
 model in at once. ``page_out`` asks the kernel to reclaim the whole pages of such a weight
 (``madvise(MADV_PAGEOUT)``): nothing is lost (a page read again comes back from the file, a page written since
-the load goes to swap or stays), so it is safe for weights still in use. It only acts on memory that is a file
+the load goes to swap or stays), so it is safe for weights still in use. Used after the NaN/Inf check and by
+``quantize.pack_layer`` for the float weight it replaces. It only acts on memory that is a file
 mapping; off Linux, on kernels before 5.4, or when the mapping cannot be read, it does nothing.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .config import AutoRoundConfig
 from .convert import set_submodule
+from .file_pages import page_out
 from .guards import apply_nonfinite_policy, check_packed
 from .layers import LayerPlan, plan_layers, record_plan
 from .qdq import quantize_weight
@@ -26,6 +27,7 @@ def pack_layer(model: nn.Module, name: str, qw, packing_format: str) -> QuantLin
     layer = QuantLinear.from_quantized(qw, packing_format, bias=linear.bias)
     layer.to(linear.weight.device)
     set_submodule(model, name, layer)
+    page_out(linear.weight)  # a float weight mapped from its checkpoint file is no longer read
     return layer
 
 

@@ -304,9 +304,7 @@ static __m128 tile_blocks(const weights_t *w, int64_t tile, const int8_t *xq, co
 #define W4A8_GEMM 1
 #define GEMM_TILES (GEMM_ROWS / TILE)
 #define GEMM_M M_BLOCK /* rows_t holds M_BLOCK rows */
-#ifndef GEMM_MIN_M
 #define GEMM_MIN_M 8 /* measured: from 8 rows on it beats the one-row path on 2048/8192 shapes */
-#endif
 
 /* r[i] (16 dwords each) -> r[j] lane i = old r[i] dword j */
 static inline void transpose16(__m512i r[16]) {

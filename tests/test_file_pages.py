@@ -66,3 +66,19 @@ def test_anonymous_memory_is_left_alone():
     weight = torch.randn(1 << 20)
     assert page_out(weight) == 0
     assert file_mapping_of(weight.data_ptr(), weight.data_ptr() + 4) is None
+
+
+def test_packing_a_layer_pages_out_its_file_mapped_float_weight(tmp_path):
+    from hf_autoround.qdq import quantize_weight
+    from hf_autoround.quantize import pack_layer
+    from hf_autoround.scheme import QuantScheme
+
+    flat, _ = mapped_weight(tmp_path, n=256 * 4096)
+    weight = flat.view(256, 4096)
+    model = torch.nn.Sequential(torch.nn.Linear(4096, 256, bias=False))
+    model[0].weight = torch.nn.Parameter(weight, requires_grad=False)
+    qw = quantize_weight(weight, QuantScheme(4, 128, True))  # reads every page
+    before = resident_kib(weight)
+    assert before >= 3000
+    pack_layer(model, "0", qw, "auto_round")
+    assert resident_kib(weight) < before / 4

@@ -9,7 +9,6 @@ import time
 import torch
 import torch.nn as nn
 
-from ..file_pages import page_out
 from ..qdq import quantize_weight
 from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
@@ -144,16 +143,11 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
 def _pack_block(model, block, prefix, layers, params: dict[str, LayerParams], packing_format) -> None:
     from ..quantize import pack_layer
 
-    released = 0
     for name, scheme in layers.items():
         p = params[name]
         weight = block.get_submodule(name).weight
         qw = quantize_weight(weight, scheme, v=p.v, min_scale=p.min_scale, max_scale=p.max_scale)
         pack_layer(model, f"{prefix}.{name}", qw, packing_format)
-        released += page_out(weight)  # the float weight is no longer read
-    if released:
-        logger.debug("%s: paged out %.1f MiB of float weights mapped from the checkpoint file", prefix,
-                     released / 2**20)
 
 
 def _grid_targets(block, prefix, layers, gguf) -> dict:
