@@ -33,6 +33,8 @@ def _bool_pair(parser, name, default, help_on, help_off):
 
 def build_parser() -> argparse.ArgumentParser:
     from .models import DEFAULT_MODEL
+    from .tuning.block_loss import LOSSES
+    from .tuning.signround import SignRoundSettings
 
     p = argparse.ArgumentParser(prog="hf-autoround", epilog=EPILOG, formatter_class=_HelpFormatter,
                                 description="Quantise a causal LM with AutoRound (SignRound), save it, evaluate it.")
@@ -53,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nblocks", type=int, default=1,
                    help="consecutive blocks tuned together, with one loss at the last one's output (not with "
                         "--resume)")
+    p.add_argument("--loss", choices=LOSSES, default=None,
+                   help="the block loss: 'relative' divides each token's squared error by its float target's mean "
+                        "square, 'mse' is the reference's plain MSE (default: %s)" % SignRoundSettings.loss)
     p.add_argument("--dataset", default=None,
                    help="calibration data: local .txt/.json/.jsonl files, combined as 'a.jsonl:num=256,b.txt' "
                         "(default: the calibration set bundled with the package)")

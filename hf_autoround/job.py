@@ -84,12 +84,14 @@ def run_job(args, config) -> EvalTable:
 
 
 def _tuning_kwargs(args) -> dict:
-    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks as tuning keyword arguments."""
+    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks / --loss as tuning keyword arguments."""
     from .autoround import default_resume_dir
 
     out = {"low_cpu_mem_usage": True} if args.low_cpu_mem_usage else {}
     if args.nblocks != 1:
         out["nblocks"] = args.nblocks
+    if args.loss is not None:
+        out["loss"] = args.loss
     if args.resume:
         out.update(resume=True, resume_dir=args.resume_dir or default_resume_dir(args.output_dir))
     return out

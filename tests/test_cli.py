@@ -128,3 +128,12 @@ def test_nblocks_flag_reaches_the_tuning_arguments(tmp_path):
     assert args.nblocks == 2 and _tuning_kwargs(args) == {"nblocks": 2}
     args, _ = parse_args(["--resume", "--resume_dir", str(tmp_path / "r")])
     assert "nblocks" not in _tuning_kwargs(args)  # the default (1) is not passed
+
+
+def test_loss_flag_reaches_the_tuning_arguments():
+    from hf_autoround.job import _tuning_kwargs
+
+    assert _tuning_kwargs(parse_args(["--loss", "mse"])[0]) == {"loss": "mse"}
+    assert "loss" not in _tuning_kwargs(parse_args([])[0])  # the settings' default applies
+    with pytest.raises(SystemExit):
+        parse_args(["--loss", "l1"])

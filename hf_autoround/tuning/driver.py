@@ -13,6 +13,7 @@ from ..qdq import quantize_weight
 from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
 from .block_group import BlockGroup, group_indices
+from .block_loss import block_loss
 from .cache import BlockInputs, capture_block_inputs, run_block
 from .data import get_calibration_data
 from .layer_loss import FirstInputs, layer_losses
@@ -20,7 +21,7 @@ from .opt_rtn import ActivationStats, search_scales
 from .options import TuningOptions
 from .report import BlockStats, Progress, TuningReport
 from .session import BlockSession
-from .signround import LayerParams, block_loss, tune_block, wrapped
+from .signround import LayerParams, tune_block, wrapped
 
 logger = logging.getLogger(__name__)
 

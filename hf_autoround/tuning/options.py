@@ -68,6 +68,7 @@ class TuningOptions:
             enable_minmax_tuning=bool(kwargs.pop("enable_minmax_tuning", True)),
             seed=config.seed, amp=bool(kwargs.pop("amp", False)),
             bf16_backward=_bf16_backward(kwargs.pop("bf16_backward", "auto")),
+            loss=kwargs.pop("loss", SignRoundSettings.loss),
         )
         options = cls(
             signround=signround, nsamples=config.nsamples, seqlen=config.seqlen,

@@ -4,7 +4,8 @@ Every planned linear of the block is swapped for a ``QdqLinear`` that computes i
 ``qdq.qdq(W, scheme, V, min_scale, max_scale)`` (fused in ``fakequant``); ``V`` (init 0, clamped to [-0.5, 0.5]) and the per-group
 ``min_scale`` / ``max_scale`` (init 1, clamped to [0, 1]) are the only trainable tensors. (A layer whose target
 is a GGUF grid, ``GridWeight``, is swapped for a ``GridQdqLinear``: its grid's scales are fixed, only ``V`` moves.)
-Each step draws one batch, computes the (padding-masked) MSE between the block on its quantized inputs and the float targets, and moves
+Each step draws one batch, computes the (padding-masked) loss between the block on its quantized inputs and the float
+targets (by default each token's squared error relative to its target's power, ``block_loss``), and moves
 every parameter by ``-lr * sign(grad)`` with ``lr`` decaying linearly to 0. The parameters of the step with the
 lowest loss are the ones kept.
 """
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from ..convert import set_submodule
 from ..export.gguf.grid import GridWeight
 from ..scheme import QuantScheme
+from .block_loss import LOSSES, block_loss
 from .cache import BlockInputs, forward_block
 from .fakequant import GroupedWeight, fake_quant
 from .low_precision_grad import bf16_backward_linear
@@ -68,6 +70,11 @@ class SignRoundSettings:
     compute_dtype: torch.dtype = torch.float32
     amp: bool = False  # bf16 autocast for the block forward (fp32 master parameters)
     bf16_backward: bool = False  # the planned linears' backward products in bf16, forward exact (low_precision_grad)
+    loss: str = "relative"  # per-token relative MSE, or "mse", the reference's plain MSE (block_loss)
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r}: expected one of {LOSSES}")
 
     @property
     def round_lr(self) -> float:
@@ -150,15 +157,6 @@ class BatchSampler:
         return idx.sort().values
 
 
-def block_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """MSE over real tokens (``mask`` ``[b, seq]``, 1 = real) in fp32."""
-    diff = pred.float() - target.float()
-    if mask is None:
-        return diff.pow(2).mean()
-    m = mask.to(diff.dtype).unsqueeze(-1)
-    return (diff.pow(2) * m).sum() / (m.sum() * diff.shape[-1]).clamp(min=1)
-
-
 def _step(params: list[LayerParams], lr: float, scale_lr: float, tune_scales: bool) -> None:
     with torch.no_grad():
         vs = [p.v for p in params]
@@ -186,7 +184,7 @@ def _batch_loss(block, inputs: BlockInputs, q_hidden, targets, idx, settings: Si
         with amp:
             pred = forward_block(block, inputs, q_hidden, sub, settings.compute_dtype)
         mask = None if inputs.token_mask is None else inputs.token_mask.index_select(0, sub)
-        loss = block_loss(pred, targets.index_select(0, sub), mask) * (len(sub) / len(idx))
+        loss = block_loss(pred, targets.index_select(0, sub), mask, settings.loss) * (len(sub) / len(idx))
         loss.backward()
         total += loss.item()
     return total
