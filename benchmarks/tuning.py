@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/tuning.py                         # the full matrix (hours on 2 cores)
     .venv/bin/python benchmarks/tuning.py --layers 4 --iters 50 --reference
     .venv/bin/python benchmarks/tuning.py --blocks 4 --schemes w4g128sym --iters 50 --reference --seeds 42,7,1
+    .venv/bin/python benchmarks/tuning.py --schemes w4g128sym --iters 50 --seeds 7 --variant '{"loss": "mse"}'
 
 The gap of one tuning seed moves by about 0.1-0.2 with the seed (4 blocks, SmolLM2); compare means over seeds.
 
@@ -216,6 +217,11 @@ def signround_rows(args, scheme: str, iters: int) -> list[dict]:
     keys = dict(scheme=scheme, iters=iters, seed=args.seed)
     rows = [dict(method="ours signround", **keys,
                  **run_worker(sys.executable, "ours", args, scheme=scheme, mode="signround", iters=iters))]
+    if args.variant:  # the same run with other AutoRound arguments, for an A/B on one machine
+        variant = argparse.Namespace(**{**vars(args), "ours_kwargs": json.dumps({**json.loads(args.ours_kwargs),
+                                                                                 **json.loads(args.variant)})})
+        rows.append(dict(method="ours variant", **keys,
+                         **run_worker(sys.executable, "ours", variant, scheme=scheme, mode="signround", iters=iters)))
     if args.reference:
         out_dir = os.path.join(args.work, f"ref_{scheme}_{iters}_seed{args.seed}")
         ref = run_worker(args.ref_python, "ref", args, scheme=scheme, iters=iters, out_dir=out_dir)
@@ -231,6 +237,8 @@ def print_table(rows, args) -> None:
     scope += f" (blocks 0..{args.blocks - 1} quantized, the rest float)" if args.blocks else ""
     print(f"\nSmolLM2-135M{scope}, nsamples {args.nsamples}, "
           f"seqlen {args.seqlen}, batch {args.batch_size}; ppl on {args.eval_tokens} tokens of Emma")
+    if getattr(args, "variant", None):  # (runs saved before --variant have none)
+        print(f"ours variant: {args.variant}")
     print(f"{'method':22} {'scheme':10} {'iters':>5} {'seed':>4} {'ppl':>9} {'gap':>8} {'tune s':>8} "
           f"{'peak RSS MiB':>12}")
     for r in rows:
@@ -299,6 +307,8 @@ def parse_args():
     p.add_argument("--seed", type=int, default=42, help="the tuning seed of one run, when --seeds is not given "
                    "(the calibration samples stay the same)")
     p.add_argument("--ours-kwargs", default="{}", help="JSON of extra AutoRound arguments for our runs")
+    p.add_argument("--variant", default=None, help="JSON of AutoRound arguments for a second SignRound row of ours "
+                                                   "per seed ('ours variant'), on top of --ours-kwargs")
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--reference", action="store_true", help="also run the reference auto-round")
