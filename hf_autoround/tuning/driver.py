@@ -64,7 +64,8 @@ def _log_precision(options: TuningOptions) -> None:
     forward = "bf16 autocast" if sr.amp else "float32"
     backward = "bfloat16 (this CPU multiplies bf16 natively; bf16_backward=False keeps float32)" \
         if sr.bf16_backward else "float32"
-    logger.info("SignRound: forward and losses in %s, backward matmuls of the tuned linears in %s", forward, backward)
+    logger.info("SignRound: %s block loss; forward and losses in %s, backward matmuls of the tuned linears in %s",
+                sr.loss, forward, backward)
 
 
 def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar,
