@@ -14,7 +14,7 @@ tuning on them. Command:
 
     .venv/bin/python benchmarks/token_error.py
 
-Output: the table on stdout and ``benchmarks/results/token_error.json``.
+Output: the table on stdout (kept in ``benchmarks/results/token_error.txt``) and ``benchmarks/results/token_error.json``.
 """
 from __future__ import annotations
 
@@ -85,7 +85,6 @@ def main() -> None:
     from hf_autoround.models import bundled_float_dir, load_model
     from hf_autoround.tuning import get_calibration_data
 
-    torch.set_grad_enabled(False)
     model, tok = load_model(args.model or bundled_float_dir())
     model = model.float().eval()
     ids = get_calibration_data(None, tok, args.seqlen, args.nsamples, 42).input_ids
