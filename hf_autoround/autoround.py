@@ -78,6 +78,8 @@ class AutoRound:
     on where the CPU multiplies bf16 natively) computes the tuned linears' backward products in bf16, which only
     steers the signed steps; ``amp=True`` also autocasts the forward to bf16 (faster still, less accurate).
     ``init_opt_rtn`` (default True) starts the min/max range factors from the optimised-RTN search.
+    ``channel_scaling`` (default True) first folds activation-aware per-channel scales into each block's norms
+    (and into ``up_proj`` / ``v_proj`` rows), searched per block on the calibration inputs (``tuning.channel_scaling``).
 
     ``resume=True``: checkpoint every finished block to ``resume_dir`` (``quantize_and_save`` defaults it to
     ``<output_dir>.resume``) and, when it already holds a killed run with the same settings, model and data,

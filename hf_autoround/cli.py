@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", choices=LOSSES, default=None,
                    help="the block loss: 'relative' divides each token's squared error by its float target's mean "
                         "square, 'mse' is the reference's plain MSE (default: %s)" % SignRoundSettings.loss)
+    p.add_argument("--disable_channel_scaling", action="store_true",
+                   help="do not fold activation-aware channel scales into the norms before tuning (on by default: "
+                        "loud input channels get more of each group's grid)")
     p.add_argument("--dataset", default=None,
                    help="calibration data: local .txt/.json/.jsonl files, combined as 'a.jsonl:num=256,b.txt' "
                         "(default: the calibration set bundled with the package)")

@@ -137,3 +137,10 @@ def test_loss_flag_reaches_the_tuning_arguments():
     assert "loss" not in _tuning_kwargs(parse_args([])[0])  # the settings' default applies
     with pytest.raises(SystemExit):
         parse_args(["--loss", "l1"])
+
+
+def test_disable_channel_scaling_flag_reaches_the_tuning_arguments():
+    from hf_autoround.job import _tuning_kwargs
+
+    assert _tuning_kwargs(parse_args(["--disable_channel_scaling"])[0]) == {"channel_scaling": False}
+    assert "channel_scaling" not in _tuning_kwargs(parse_args([])[0])  # on by default

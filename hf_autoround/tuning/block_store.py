@@ -3,7 +3,9 @@
 Resumable tuning keeps these files so that a restarted run can put finished blocks back exactly; the low-memory
 mode writes a tuned block here and drops it from memory, and its checkpoint writer reads the tensors back one at a
 time. A block's file holds each ``QuantLinear``'s state (``<layer>.qweight``, ``.qzeros``, ``.scales``, ``.bias``,
-names relative to the block) and, in its metadata, what rebuilds the layer (shape, scheme, packing, bias dtype).
+names relative to the block) and, in its metadata, what rebuilds the layer (shape, scheme, packing, bias dtype);
+also the block's float tensors that tuning rewrote (the norm weights channel scaling divides), under their own
+names, so that a restored or streamed block holds those and not the checkpoint's originals.
 """
 from __future__ import annotations
 
@@ -18,8 +20,10 @@ from ..convert import set_submodule
 from ..quant_linear import LinearQuantSpec, QuantLinear
 from ..safetensors_io import TensorEntry, atomic_write, read_header, read_tensor, write_tensors
 from ..scheme import QuantScheme
+from .weight_source import assign_tensor
 
 _META_KEY = "hf_autoround.layers"
+_FLOATS_KEY = "hf_autoround.floats"
 
 
 @dataclass(frozen=True)
@@ -61,9 +65,10 @@ class BlockStore:
     def has(self, prefix: str) -> bool:
         return os.path.isfile(self.path(prefix))
 
-    def save(self, prefix: str, block: nn.Module, names) -> None:
-        """Write the packed layers ``names`` (relative to ``block``) of a finished block, atomically."""
-        records, entries = {}, []
+    def save(self, prefix: str, block: nn.Module, names, floats=()) -> None:
+        """Write the packed layers ``names`` and the float tensors ``floats`` (keys; all relative to ``block``) of
+        a finished block, atomically."""
+        records, entries = {}, [TensorEntry.of(key, block.get_parameter(key).detach()) for key in floats]
         for name in names:
             layer = block.get_submodule(name)
             if not isinstance(layer, QuantLinear):
@@ -71,8 +76,12 @@ class BlockStore:
                                 f"packed QuantLinear; it cannot be stored for resuming or low-memory tuning")
             records[name] = asdict(LayerRecord.of(layer))
             entries += [TensorEntry.of(f"{name}.{key}", t) for key, t in layer.state_dict().items()]
-        metadata = {_META_KEY: json.dumps(records, sort_keys=True)}
+        metadata = {_META_KEY: json.dumps(records, sort_keys=True), _FLOATS_KEY: json.dumps(sorted(floats))}
         atomic_write(self.path(prefix), lambda tmp: write_tensors(tmp, entries, metadata))
+
+    def floats(self, prefix: str) -> list[str]:
+        """Keys of the rewritten float tensors in the block's file."""
+        return json.loads(read_header(self.path(prefix))[1].get(_FLOATS_KEY, "[]"))
 
     def records(self, prefix: str) -> dict[str, LayerRecord]:
         _, metadata = read_header(self.path(prefix))
@@ -83,8 +92,8 @@ class BlockStore:
         return read_header(self.path(prefix))[0]
 
     def install(self, block: nn.Module, prefix: str, on_meta: bool = False) -> list[str]:
-        """Put the stored packed layers into ``block`` (in place of whatever is there); ``on_meta``: shapes only,
-        the tensors stay in the file. Returns the layer names."""
+        """Put the stored packed layers and rewritten float tensors into ``block`` (in place of whatever is there);
+        ``on_meta``: packed layers as shapes only, every tensor stays in the file. Returns the layer names."""
         records = self.records(prefix)
         stored = self.tensors(prefix)
         with open(self.path(prefix), "rb") as f:
@@ -95,6 +104,9 @@ class BlockStore:
                     _check_like(f"{prefix}.{name}", layer.state_dict(), state)
                     layer.load_state_dict(state, assign=True)
                 set_submodule(block, name, layer)
+            if not on_meta:
+                for key in self.floats(prefix):
+                    assign_tensor(block, key, read_tensor(stored[key], f))
         return list(records)
 
 

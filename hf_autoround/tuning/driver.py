@@ -15,6 +15,7 @@ from .allocator import reuse_freed_memory
 from .block_group import BlockGroup, group_indices
 from .block_loss import block_loss
 from .cache import BlockInputs, capture_block_inputs, run_block
+from .channel_scaling import InputGram, find_sites, scale_block
 from .data import get_calibration_data
 from .layer_loss import FirstInputs, layer_losses
 from .opt_rtn import ActivationStats, search_scales
@@ -92,9 +93,13 @@ def _tune_container(model, name, container, plan, data, options: TuningOptions, 
         stats.seconds = time.perf_counter() - start
         report.blocks.append(stats)
         for index in indices:
-            session.finished(name, index, container[index], per_block[index], fp_hidden, q_hidden, stats)
-        logger.debug("%s: loss %.4g -> %.4g (iter %d), output mse %.4g, %.1f s", label, stats.first_loss,
-                     stats.best_loss, stats.best_iter, stats.output_mse, stats.seconds)
+            rewritten = _rewritten_floats(container[index], per_block[index], stats.scaling,
+                                          "" if len(indices) == 1 else f"{index}.")
+            session.finished(name, index, container[index], per_block[index], fp_hidden, q_hidden, stats,
+                             rewritten)
+        logger.debug("%s: channel scaling alphas %s; loss %.4g -> %.4g (iter %d), output mse %.4g, %.1f s", label,
+                     stats.scaling, stats.first_loss, stats.best_loss, stats.best_iter, stats.output_mse,
+                     stats.seconds)
         bar.update(stats, blocks=len(indices))
     bar.bar.update(len(container) - last - 1)
 
@@ -105,6 +110,18 @@ def _tuning_unit(name: str, container, indices: list[int], per_block: list[dict]
         return container[indices[0]], f"{name}.{indices[0]}", per_block[indices[0]]
     layers = {f"{i}.{n}": s for i in indices for n, s in per_block[i].items()}
     return BlockGroup(indices, [container[i] for i in indices]), name, layers
+
+
+def _rewritten_floats(block: nn.Module, planned, scaling: dict[str, float], unit_prefix: str) -> list[str]:
+    """Keys (relative to ``block``) of the float tensors that channel scaling rewrote and that no packed layer
+    holds (a norm's weight); ``unit_prefix`` is the block's prefix within a group of blocks ("" for one block)."""
+    keys = []
+    for site, alpha in scaling.items():
+        if alpha == 0 or not site.startswith(unit_prefix) or site[len(unit_prefix):] in planned:
+            continue
+        source = site[len(unit_prefix):]
+        keys += [f"{source}.{k}" for k, _ in block.get_submodule(source).named_parameters(recurse=False)]
+    return keys
 
 
 def _block_layers(plan, prefix: str) -> dict:
@@ -120,11 +137,16 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     if options.gguf is not None:
         layers = _grid_targets(block, prefix, layers, options.gguf)
     want_stats = bool(layers) and options.wants_opt_rtn
-    with ActivationStats(block, layers) if want_stats else contextlib.nullcontext() as act:
+    sites = _scale_sites(block, layers, options, index)
+    with contextlib.ExitStack() as stack:  # statistics of the linears' inputs, gathered on the float pass
+        act = stack.enter_context(ActivationStats(block, layers)) if want_stats else None
+        grams = stack.enter_context(InputGram(block, sites))
         targets = run_block(block, inputs, fp_hidden, batch, compute, store)
     if not layers:
         q_out = run_block(block, inputs, q_hidden, batch, compute, store) if q_hidden is not fp_hidden else targets
         return targets, q_out
+    choices = scale_block(block, layers, sites, grams.grams, act.sums if act else None)
+    stats.scaling = {c.site: c.alpha for c in choices}
     init = {n: search_scales(block.get_submodule(n).weight, s, act.sums[n]) for n, s in layers.items()} \
         if want_stats else None
     tuned_on = q_hidden if options.enable_quanted_input else fp_hidden
@@ -140,6 +162,17 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     else:
         _pack_block(model, block, prefix, layers, result.params, packing_format)
     return targets, (q_out if options.enable_quanted_input else targets)
+
+
+def _scale_sites(block, layers, options: TuningOptions, index: int) -> list:
+    """Where channel scaling applies in this block (none when it is off or nothing is planned)."""
+    if not layers or not options.scales_channels:
+        return []
+    sites = find_sites(block, layers)
+    if not sites and index == 0:
+        logger.info("channel scaling: no norm or linear of %s feeds its planned layers in a way a scale folds into "
+                    "exactly; its blocks are tuned unscaled", type(block).__name__)
+    return sites
 
 
 def _pack_block(model, block, prefix, layers, params: dict[str, LayerParams], packing_format) -> None:

@@ -7,29 +7,20 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .input_hooks import InputHooks
 from .signround import LayerParams
 
 
-class FirstInputs:
-    """Forward pre-hooks keeping the first input each named submodule of ``block`` is called with."""
+class FirstInputs(InputHooks):
+    """Keeps the first input each named submodule of ``block`` is called with."""
 
     def __init__(self, block: nn.Module, names):
-        self.block, self.names, self.inputs, self.handles = block, list(names), {}, []
+        super().__init__(block, names)
+        self.inputs: dict[str, torch.Tensor] = {}
 
-    def __enter__(self) -> "FirstInputs":
-        for name in self.names:
-            self.handles.append(self.block.get_submodule(name).register_forward_pre_hook(self._keeper(name)))
-        return self
-
-    def _keeper(self, name):
-        def hook(module, args):
-            if name not in self.inputs:
-                self.inputs[name] = args[0].detach()
-        return hook
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        if name not in self.inputs:
+            self.inputs[name] = x
 
 
 @torch.no_grad()

@@ -13,34 +13,22 @@ import torch.nn as nn
 
 from ..scheme import QuantScheme
 from .fakequant import GroupedWeight, fake_quant_values
+from .input_hooks import InputHooks
 from .signround import LayerParams
 
 GRID = torch.linspace(1.0, 0.4, 31).tolist()
 
 
-class ActivationStats:
-    """Context manager: accumulates ``sum(x^2)`` per input channel of the named linears of a block."""
+class ActivationStats(InputHooks):
+    """Accumulates ``sum(x^2)`` per input channel of the named linears of a block."""
 
     def __init__(self, block: nn.Module, names):
-        self.block, self.names = block, list(names)
+        super().__init__(block, names)
         self.sums: dict[str, torch.Tensor] = {}
-        self.handles = []
 
-    def _hook(self, name):
-        def hook(module, args):
-            x = args[0].detach().float()
-            sq = x.pow(2).reshape(-1, x.shape[-1]).sum(0)
-            self.sums[name] = sq if name not in self.sums else self.sums[name] + sq
-        return hook
-
-    def __enter__(self):
-        self.handles = [self.block.get_submodule(n).register_forward_pre_hook(self._hook(n)) for n in self.names]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self.handles:
-            h.remove()
-        self.handles = []
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        sq = x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+        self.sums[name] = sq if name not in self.sums else self.sums[name] + sq
 
 
 def _search(g: GroupedWeight, scheme, h, v, fixed_min, fixed_max, which: str):

@@ -33,6 +33,7 @@ class TuningOptions:
     # iters 50, seeds 42/7/1: perplexity gap to float 0.572/0.793/0.948 from the plain start, 0.555/0.502/0.767
     # from this one; benchmarks/results/tuning_w4g128_blocks4_3seeds*.txt)
     init_opt_rtn: bool = True
+    channel_scaling: bool = True  # activation-aware channel scales folded into the norms first (channel_scaling)
     cache_dtype: torch.dtype | None = None  # None: the model's dtype
     report: object = None  # a TuningReport to fill in (else a new one is returned)
     gguf: object = None  # a GgufTuning: tune on a GGUF file's grids instead of the integer scheme
@@ -47,6 +48,15 @@ class TuningOptions:
         if self.signround.iters == 0:
             return not self.disable_opt_rtn
         return self.init_opt_rtn
+
+    @property
+    def scales_channels(self) -> bool:
+        """Whether blocks get activation-aware channel scaling before their layers are tuned or rounded: with
+        calibration data (SignRound or optimised RTN), never on a GGUF grid (its scales come from the file's
+        own search)."""
+        if not self.channel_scaling or self.gguf is not None:
+            return False
+        return self.signround.iters > 0 or not self.disable_opt_rtn
 
     def block_settings(self, block_index: int) -> SignRoundSettings:
         return replace(self.signround, seed=self.signround.seed + block_index)
@@ -75,6 +85,7 @@ class TuningOptions:
             enable_quanted_input=bool(kwargs.pop("enable_quanted_input", True)),
             disable_opt_rtn=bool(kwargs.pop("disable_opt_rtn", False)),
             init_opt_rtn=bool(kwargs.pop("init_opt_rtn", True)),
+            channel_scaling=_flag("channel_scaling", kwargs.pop("channel_scaling", True)),
             cache_dtype=_dtype(kwargs.pop("cache_dtype", None)),
             report=kwargs.pop("report", None), gguf=kwargs.pop("gguf", None), ignored=ignored,
         )
@@ -119,6 +130,12 @@ def _bf16_backward(value) -> bool:
         return native_bf16()
     if not isinstance(value, bool):
         raise ValueError(f"bf16_backward={value!r}: expected 'auto', True or False")
+    return value
+
+
+def _flag(name, value) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name}={value!r}: expected True or False")
     return value
 
 

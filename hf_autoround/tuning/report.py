@@ -30,6 +30,7 @@ class BlockStats:
     seconds: float = 0.0
     # layer name (relative to the block) -> (output MSE with RTN parameters, with the kept ones); see layer_loss
     layer_losses: dict[str, tuple[float, float]] = field(default_factory=dict)
+    scaling: dict[str, float] = field(default_factory=dict)  # channel-scaling site -> alpha chosen (0: left alone)
 
     @property
     def reduction(self) -> float:
@@ -62,6 +63,9 @@ class TuningReport:
                 f"peak RSS {self.peak_rss_mb:.0f} MiB")
         if not math.isnan(self.mean_reduction):
             text += f", mean block loss reduction {100 * self.mean_reduction:.1f} % (first step -> best)"
+        alphas = [a for b in self.blocks for a in b.scaling.values()]
+        if alphas:
+            text += f", channel scaling at {sum(a > 0 for a in alphas)} of {len(alphas)} sites"
         return text
 
 

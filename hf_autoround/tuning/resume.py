@@ -111,7 +111,8 @@ def _settings(plan, options) -> dict:
     return json.loads(json.dumps({
         "signround": signround, "nsamples": options.nsamples, "seqlen": options.seqlen,
         "enable_quanted_input": options.enable_quanted_input, "disable_opt_rtn": options.disable_opt_rtn,
-        "init_opt_rtn": options.init_opt_rtn, "cache_dtype": str(options.cache_dtype),
+        "init_opt_rtn": options.init_opt_rtn, "channel_scaling": options.scales_channels,
+        "cache_dtype": str(options.cache_dtype),
         "packing_format": plan.packing_format, "block_names": list(plan.block_names),
         "layers": {n: [s.bits, s.group_size, s.sym] for n, s in sorted(plan.quantized.items())},
         "kept_float": sorted(plan.kept_float),

@@ -5,7 +5,7 @@ finished blocks back when a run resumes. The driver calls three methods:
 - ``restore(container, blocks, inputs, report, bar)``: before the first block; returns where to start and the
   hidden states to start from;
 - ``tuning(prefix, block)``: a context around one block's tuning;
-- ``finished(container, index, block, layers, fp_hidden, q_hidden, stats)``: after it.
+- ``finished(container, index, block, layers, fp_hidden, q_hidden, stats, rewritten)``: after it.
 
 With no resume directory and an in-memory model every call does nothing.
 """
@@ -81,10 +81,12 @@ class BlockSession:
         yield
 
     def finished(self, container: str, index: int, block: nn.Module, layers, fp_hidden, q_hidden,
-                 stats: BlockStats) -> None:
+                 stats: BlockStats, rewritten=()) -> None:
+        """``rewritten``: float tensors of the block (keys relative to it) that tuning changed, such as the norm
+        weights channel scaling divides; stored with the packed layers."""
         prefix = f"{container}.{index}"
         if self.store is not None and layers:
-            self.store.save(prefix, block, layers)
+            self.store.save(prefix, block, layers, rewritten)
         if self.resume is not None:
             self.resume.record_block(container, index, self._weights_hash, stats, fp_hidden, q_hidden)
         self.source.release(prefix, block)

@@ -69,9 +69,11 @@ def test_tuning_lowers_block_output_error_against_rtn():
 
 def test_signround_starts_from_the_optimised_rtn_scales_by_default():
     """With iters=1 the kept parameters are the starting ones (step 0's loss is the only one seen), so the default
-    start packs exactly like optimised RTN, and ``init_opt_rtn=False`` exactly like plain RTN."""
+    start packs exactly like optimised RTN (both after channel scaling), and ``init_opt_rtn=False`` without
+    channel scaling exactly like plain RTN."""
     runs = {}
-    for name, iters, kwargs in (("default", 1, {}), ("optrtn", 0, {}), ("plain_start", 1, {"init_opt_rtn": False}),
+    plain_start = {"init_opt_rtn": False, "channel_scaling": False}
+    for name, iters, kwargs in (("default", 1, {}), ("optrtn", 0, {}), ("plain_start", 1, plain_start),
                                 ("rtn", 0, {"disable_opt_rtn": True})):
         model = build_tiny_model("llama")
         quantize_model(model, config(iters=iters), dataset=calib(), progress=False, **kwargs)

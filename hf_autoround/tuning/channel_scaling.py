@@ -1,0 +1,196 @@
+"""Activation-aware channel scaling, folded into the float tensors before a block's linears (run before SignRound).
+
+For a linear ``y = x W^T`` and any positive per-input-channel vector ``s``, ``y = (x / s)(W diag(s))^T``. Where the
+module that produces ``x`` is linear in its output channels (an RMSNorm's weight, the rows of a linear), ``1 / s``
+folds into it exactly, so the float model is unchanged while the weight that gets quantised becomes
+``W diag(s)``: channels that carry large activations get more of each group's grid. This is AWQ's idea. The
+scale is searched per site (a source and the linears reading it) on ``s = rms(x)^alpha`` (normalised so that
+``max(s) min(s) = 1``), ``alpha`` on a grid from 0 (no scaling) to 1, minimising the output error of plain RTN
+summed over the site's linears on the block's calibration inputs:
+
+    || X W^T - (X / s) Q(W diag(s))^T ||^2 = sum_i d_i^T H d_i,   D = Q(W diag(s)) diag(1/s) - W,  H = X^T X
+
+so one ``in x in`` Gram matrix per site, accumulated while the block's float targets are computed, scores every
+candidate without touching the tokens again. ``alpha = 0`` is a candidate, so a site is never made worse by
+that measure. Sites are declared in ``SITES`` (Llama-family names); a source whose output does not scale with its
+weight (e.g. Gemma's ``1 + weight`` norm) or a linear source whose outputs are not the consumers' inputs (GQA's
+``v_proj`` against ``o_proj``) is left alone.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..file_pages import page_out
+from ..scheme import QuantScheme
+from .fakequant import GroupedWeight, fake_quant_values
+from .input_hooks import InputHooks
+
+logger = logging.getLogger(__name__)
+
+ALPHAS = tuple(i / 20 for i in range(1, 21))  # the candidates besides alpha = 0 (no scaling)
+
+
+@dataclass(frozen=True)
+class ScaleSite:
+    """``source``: the module whose output ``consumers`` read (names relative to a block)."""
+
+    source: str
+    consumers: tuple[str, ...]
+
+
+SITES = (
+    ScaleSite("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ScaleSite("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+    ScaleSite("mlp.up_proj", ("mlp.down_proj",)),  # gated MLP: down_proj reads act(gate_proj(x)) * up_proj(x)
+    ScaleSite("self_attn.v_proj", ("self_attn.o_proj",)),  # o_proj reads the heads' values (not under GQA)
+)
+
+
+@dataclass
+class SiteChoice:
+    """The outcome for one site: ``alpha`` chosen (0: left alone) and its RTN output error against ``alpha = 0``."""
+
+    site: str
+    alpha: float
+    error: float
+    error_unscaled: float
+
+
+def find_sites(block: nn.Module, layers) -> list[ScaleSite]:
+    """The sites of ``block`` whose consumers are all planned (names relative to ``block``, prefixed for a group
+    of blocks, e.g. ``0.input_layernorm``) and whose source folds a channel scale exactly."""
+    prefixes = {name[:-len(c)] for name in layers for s in SITES for c in s.consumers if name.endswith(c)}
+    found = []
+    for prefix in sorted(prefixes):
+        for site in SITES:
+            consumers = tuple(prefix + c for c in site.consumers)
+            if not all(c in layers for c in consumers):
+                continue
+            source = _submodule(block, prefix + site.source)
+            width = block.get_submodule(consumers[0]).in_features
+            if source is not None and folds_channel_scale(source, width):
+                found.append(ScaleSite(prefix + site.source, consumers))
+    return found
+
+
+def _submodule(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+@torch.no_grad()
+def folds_channel_scale(source: nn.Module, width: int) -> bool:
+    """Whether dividing ``source``'s weight by ``s`` divides its output channels by ``s`` (checked numerically for
+    a norm: a doubled weight must double the output)."""
+    if isinstance(source, nn.Linear):
+        return source.out_features == width
+    weight = getattr(source, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (width,) or weight.is_meta:
+        return False
+    x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
+    original = weight.data
+    try:
+        y = source(x).float()
+        weight.data = original * 2
+        y2 = source(x).float()
+    finally:
+        weight.data = original
+    return torch.allclose(y2, 2 * y, rtol=1e-3, atol=1e-5)
+
+
+class InputGram(InputHooks):
+    """``X^T X`` (float32) of the inputs of each site's first consumer, over every token seen."""
+
+    def __init__(self, block: nn.Module, sites: list[ScaleSite]):
+        super().__init__(block, [s.consumers[0] for s in sites])
+        self.grams: dict[str, torch.Tensor] = {}
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        gram = x.t() @ x
+        self.grams[name] = gram if name not in self.grams else self.grams[name].add_(gram)
+
+
+def rtn_values(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
+    """Plain RTN of ``weight`` ``[out, in]`` in float32 (the values ``qdq.qdq`` gives with V = 0 and no range shrink)."""
+    g = GroupedWeight.from_weight(weight, scheme)
+    ones = torch.ones_like(g.low)
+    w_hat, _ = fake_quant_values(g.wg, g.low, g.high, torch.zeros_like(g.wg), ones, ones, scheme.bits, scheme.sym)
+    return w_hat.reshape(weight.shape[0], -1)[:, :weight.shape[1]]
+
+
+def output_error(weights, schemes, gram: torch.Tensor, s: torch.Tensor) -> float:
+    """``sum over consumers of ||X W^T - (X/s) Q(W diag(s))^T||^2`` from ``gram = X^T X``."""
+    total = 0.0
+    for w, scheme in zip(weights, schemes):
+        d = rtn_values(w * s, scheme) / s - w
+        total += float(((d @ gram) * d).sum())
+    return total
+
+
+def candidate_scales(gram: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``rms(x)^alpha`` per channel, normalised so that ``max * min = 1``."""
+    rms = gram.diagonal().clamp(min=0).sqrt()
+    rms = rms.clamp(min=rms.max() * 1e-4 + 1e-12)
+    s = rms.pow(alpha)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@torch.no_grad()
+def search_site(weights, schemes, gram: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+    """(scale ``[in]``, its alpha, its error, the error unscaled) for the linears ``weights`` reading one input."""
+    weights = [w.detach().float() for w in weights]
+    ones = torch.ones(gram.shape[0])
+    unscaled = output_error(weights, schemes, gram, ones)
+    best = (ones, 0.0, unscaled)
+    for alpha in ALPHAS:
+        s = candidate_scales(gram, alpha)
+        err = output_error(weights, schemes, gram, s)
+        if err < best[2]:
+            best = (s, alpha, err)
+    return (*best, unscaled)
+
+
+@torch.no_grad()
+def fold_scale(block: nn.Module, site: ScaleSite, s: torch.Tensor) -> None:
+    """Divide the source's output channels by ``s`` and multiply the consumers' input columns by it."""
+    source = block.get_submodule(site.source)
+    inv = 1.0 / s
+    _replace(source.weight, inv.unsqueeze(1) if isinstance(source, nn.Linear) else inv)
+    if isinstance(getattr(source, "bias", None), torch.Tensor):
+        _replace(source.bias, inv)
+    for name in site.consumers:
+        _replace(block.get_submodule(name).weight, s.unsqueeze(0))
+
+
+def _replace(tensor: torch.Tensor, factor: torch.Tensor) -> None:
+    """``tensor * factor`` as a new tensor under the same parameter: never written into a weight that maps its
+    checkpoint file; the old one's file pages are handed back (it is read no more, ``file_pages``)."""
+    old = tensor.data
+    tensor.data = old * factor.to(old.dtype)
+    page_out(old)
+
+
+def scale_block(block: nn.Module, layers: dict, sites: list[ScaleSite], grams: dict[str, torch.Tensor],
+                act_sums: dict[str, torch.Tensor] | None = None) -> list[SiteChoice]:
+    """Search and fold each site's scale; ``act_sums`` (per-channel ``sum x^2`` of the consumers, for the
+    optimised-RTN search that follows) are divided by ``s^2`` to match the scaled inputs."""
+    choices = []
+    for site in sites:
+        gram = grams[site.consumers[0]]
+        weights = [block.get_submodule(n).weight for n in site.consumers]
+        s, alpha, err, unscaled = search_site(weights, [layers[n] for n in site.consumers], gram)
+        choices.append(SiteChoice(site.source, alpha, err, unscaled))
+        if alpha == 0:
+            continue
+        fold_scale(block, site, s)
+        for name in site.consumers:
+            if act_sums is not None and name in act_sums:
+                act_sums[name] = act_sums[name] / (s * s)
+    return choices
