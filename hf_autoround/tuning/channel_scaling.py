@@ -12,9 +12,11 @@ summed over the site's linears on the block's calibration inputs:
 
 so one ``in x in`` Gram matrix per site, accumulated while the block's float targets are computed, scores every
 candidate without touching the tokens again. ``alpha = 0`` is a candidate, so a site is never made worse by
-that measure. Sites are declared in ``SITES`` (Llama-family names); a source whose output does not scale with its
-weight (e.g. Gemma's ``1 + weight`` norm) or a linear source whose outputs are not the consumers' inputs (GQA's
-``v_proj`` against ``o_proj``) is left alone.
+that measure. Sites are declared in ``SITES`` (Llama-family names) and each one found is proven on the block
+itself before it is used (``exact_sites``): a random scale folded in must leave the block's output on a calibration
+sample unchanged. So a source whose output does not scale with its weight (Gemma's ``1 + weight`` norm), a norm
+that also feeds other layers (a parallel attention/MLP block), an MLP with a nonlinearity after ``up_proj``, or a
+``v_proj`` whose outputs are not ``o_proj``'s inputs (GQA) is left alone.
 """
 from __future__ import annotations
 
@@ -61,8 +63,8 @@ class SiteChoice:
 
 
 def find_sites(block: nn.Module, layers) -> list[ScaleSite]:
-    """The sites of ``block`` whose consumers are all planned (names relative to ``block``, prefixed for a group
-    of blocks, e.g. ``0.input_layernorm``) and whose source folds a channel scale exactly."""
+    """The sites of ``block`` by name: every consumer planned (names relative to ``block``, prefixed for a group of
+    blocks, e.g. ``0.input_layernorm``) and a source with a weight of the consumers' input width."""
     prefixes = {name[:-len(c)] for name in layers for s in SITES for c in s.consumers if name.endswith(c)}
     found = []
     for prefix in sorted(prefixes):
@@ -71,8 +73,7 @@ def find_sites(block: nn.Module, layers) -> list[ScaleSite]:
             if not all(c in layers for c in consumers):
                 continue
             source = _submodule(block, prefix + site.source)
-            width = block.get_submodule(consumers[0]).in_features
-            if source is not None and folds_channel_scale(source, width):
+            if source is not None and _width(source) == block.get_submodule(consumers[0]).in_features:
                 found.append(ScaleSite(prefix + site.source, consumers))
     return found
 
@@ -84,24 +85,43 @@ def _submodule(block: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
-@torch.no_grad()
-def folds_channel_scale(source: nn.Module, width: int) -> bool:
-    """Whether dividing ``source``'s weight by ``s`` divides its output channels by ``s`` (checked numerically for
-    a norm: a doubled weight must double the output)."""
+def _width(source: nn.Module) -> int | None:
+    """Output channels a scale would fold into: a linear's rows, or a norm's (1-D) weight."""
     if isinstance(source, nn.Linear):
-        return source.out_features == width
+        return source.out_features
     weight = getattr(source, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.shape != (width,) or weight.is_meta:
-        return False
-    x = torch.randn(2, width, generator=torch.Generator().manual_seed(0)).to(weight.dtype)
-    original = weight.data
-    try:
-        y = source(x).float()
-        weight.data = original * 2
-        y2 = source(x).float()
-    finally:
-        weight.data = original
-    return torch.allclose(y2, 2 * y, rtol=1e-3, atol=1e-5)
+    return weight.shape[0] if isinstance(weight, torch.Tensor) and weight.dim() == 1 else None
+
+
+@torch.no_grad()
+def exact_sites(block: nn.Module, sites: list[ScaleSite], run, tolerance: float = 1e-4) -> list[ScaleSite]:
+    """The sites where folding a random scale leaves ``run()`` (the block's output on a sample) unchanged, to a
+    relative ``tolerance``; the block is restored after each trial."""
+    reference = run().float()
+    kept = []
+    for site in sites:
+        tensors = _site_tensors(block, site)
+        saved = [t.data for t in tensors]
+        width = block.get_submodule(site.consumers[0]).in_features
+        trial = torch.empty(width).uniform_(-0.7, 0.7, generator=torch.Generator().manual_seed(0)).exp()
+        try:
+            fold_scale(block, site, trial, release=False)
+            err = (run().float() - reference).norm() / reference.norm().clamp(min=1e-30)
+        finally:
+            for t, data in zip(tensors, saved):
+                t.data = data
+        if err <= tolerance:
+            kept.append(site)
+        else:
+            logger.debug("channel scaling: %s does not fold exactly (relative change %.3g); left alone",
+                         site.source, float(err))
+    return kept
+
+
+def _site_tensors(block: nn.Module, site: ScaleSite) -> list[torch.Tensor]:
+    source = block.get_submodule(site.source)
+    tensors = [source.weight] + ([source.bias] if isinstance(getattr(source, "bias", None), torch.Tensor) else [])
+    return tensors + [block.get_submodule(n).weight for n in site.consumers]
 
 
 class InputGram(InputHooks):
@@ -118,7 +138,7 @@ class InputGram(InputHooks):
 
 
 def rtn_values(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Plain RTN of ``weight`` ``[out, in]`` in float32 (the values ``qdq.qdq`` gives with V = 0 and no range shrink)."""
+    """Plain RTN of ``weight`` ``[out, in]`` in float32 (``qdq.qdq``'s values with V = 0 and the full range)."""
     g = GroupedWeight.from_weight(weight, scheme)
     ones = torch.ones_like(g.low)
     w_hat, _ = fake_quant_values(g.wg, g.low, g.high, torch.zeros_like(g.wg), ones, ones, scheme.bits, scheme.sym)
@@ -158,23 +178,21 @@ def search_site(weights, schemes, gram: torch.Tensor) -> tuple[torch.Tensor, flo
 
 
 @torch.no_grad()
-def fold_scale(block: nn.Module, site: ScaleSite, s: torch.Tensor) -> None:
-    """Divide the source's output channels by ``s`` and multiply the consumers' input columns by it."""
+def fold_scale(block: nn.Module, site: ScaleSite, s: torch.Tensor, release: bool = True) -> None:
+    """Divide the source's output channels by ``s`` and multiply the consumers' input columns by it, as new
+    tensors under the same parameters (never written into a weight that maps its checkpoint file); ``release``:
+    hand the replaced tensors' file pages back (they are read no more, ``file_pages``)."""
     source = block.get_submodule(site.source)
     inv = 1.0 / s
-    _replace(source.weight, inv.unsqueeze(1) if isinstance(source, nn.Linear) else inv)
+    factors = [inv.unsqueeze(1) if isinstance(source, nn.Linear) else inv]
     if isinstance(getattr(source, "bias", None), torch.Tensor):
-        _replace(source.bias, inv)
-    for name in site.consumers:
-        _replace(block.get_submodule(name).weight, s.unsqueeze(0))
-
-
-def _replace(tensor: torch.Tensor, factor: torch.Tensor) -> None:
-    """``tensor * factor`` as a new tensor under the same parameter: never written into a weight that maps its
-    checkpoint file; the old one's file pages are handed back (it is read no more, ``file_pages``)."""
-    old = tensor.data
-    tensor.data = old * factor.to(old.dtype)
-    page_out(old)
+        factors.append(inv)
+    factors += [s.unsqueeze(0)] * len(site.consumers)
+    for tensor, factor in zip(_site_tensors(block, site), factors):
+        old = tensor.data
+        tensor.data = old * factor.to(old.dtype)
+        if release:
+            page_out(old)
 
 
 def scale_block(block: nn.Module, layers: dict, sites: list[ScaleSite], grams: dict[str, torch.Tensor],

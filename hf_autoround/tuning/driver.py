@@ -14,8 +14,8 @@ from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
 from .block_group import BlockGroup, group_indices
 from .block_loss import block_loss
-from .cache import BlockInputs, capture_block_inputs, run_block
-from .channel_scaling import InputGram, find_sites, scale_block
+from .cache import BlockInputs, capture_block_inputs, forward_block, run_block
+from .channel_scaling import InputGram, exact_sites, find_sites, scale_block
 from .data import get_calibration_data
 from .layer_loss import FirstInputs, layer_losses
 from .opt_rtn import ActivationStats, search_scales
@@ -137,7 +137,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     if options.gguf is not None:
         layers = _grid_targets(block, prefix, layers, options.gguf)
     want_stats = bool(layers) and options.wants_opt_rtn
-    sites = _scale_sites(block, layers, options, index)
+    sites = _scale_sites(block, layers, options, index, inputs, fp_hidden)
     with contextlib.ExitStack() as stack:  # statistics of the linears' inputs, gathered on the float pass
         act = stack.enter_context(ActivationStats(block, layers)) if want_stats else None
         grams = stack.enter_context(InputGram(block, sites))
@@ -164,14 +164,20 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     return targets, (q_out if options.enable_quanted_input else targets)
 
 
-def _scale_sites(block, layers, options: TuningOptions, index: int) -> list:
-    """Where channel scaling applies in this block (none when it is off or nothing is planned)."""
+def _scale_sites(block, layers, options: TuningOptions, index: int, inputs: BlockInputs, fp_hidden) -> list:
+    """Where channel scaling applies in this block: the named sites whose fold proves exact on one calibration
+    sample (none when scaling is off or nothing is planned); logged for the first block."""
     if not layers or not options.scales_channels:
         return []
-    sites = find_sites(block, layers)
-    if not sites and index == 0:
-        logger.info("channel scaling: no norm or linear of %s feeds its planned layers in a way a scale folds into "
-                    "exactly; its blocks are tuned unscaled", type(block).__name__)
+    def probe():
+        return forward_block(block, inputs, fp_hidden, torch.arange(1), torch.float32)
+
+    named = find_sites(block, layers)
+    sites = exact_sites(block, named, probe) if named else []
+    if index == 0:
+        left = sorted({s.source for s in named} - {s.source for s in sites})
+        logger.info("channel scaling in %s: sites %s%s", type(block).__name__, [s.source for s in sites] or "none",
+                    f"; not exact, left alone: {left}" if left else "")
     return sites
 
 

@@ -11,12 +11,13 @@ import torch.nn as nn
 from conftest import tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from tuning_helpers import one_thread  # noqa: F401  (autouse)
 
 from hf_autoround import AutoRound
 from hf_autoround.scheme import QuantScheme
-from hf_autoround.tuning.channel_scaling import (InputGram, ScaleSite, find_sites, fold_scale, folds_channel_scale,
-                                                 output_error, rtn_values, scale_block, search_site)
+from hf_autoround.tuning.channel_scaling import (InputGram, exact_sites, find_sites, fold_scale, output_error,
+                                                 rtn_values, scale_block, search_site)
 from hf_autoround.tuning.lazy_blocks import load_lazily
 from hf_autoround.tuning.resume import ResumeState
 
@@ -111,13 +112,48 @@ class OffsetNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight)
 
 
-def test_a_norm_whose_output_does_not_scale_with_its_weight_is_left_alone():
-    block = loud_llama().model.layers[0]
-    assert folds_channel_scale(block.input_layernorm, 64)
-    assert not folds_channel_scale(OffsetNorm(64), 64)
-    assert not folds_channel_scale(block.input_layernorm, 32)  # not the consumers' width
-    block.input_layernorm = OffsetNorm(64)
-    assert "input_layernorm" not in [s.source for s in find_sites(block, {n: SCHEME for n in LINEARS})]
+class ToyBlock(nn.Module):
+    """Llama's names around other wiring: ``parallel`` (one norm feeds attention and MLP), ``gated`` (else a
+    squared ReLU after up_proj, as in Nemotron), ``offset_norm`` (Gemma's norm)."""
+
+    def __init__(self, parallel=False, gated=True, offset_norm=False, width=16):
+        super().__init__()
+        torch.manual_seed(0)
+        norm = OffsetNorm if offset_norm else (lambda w: LlamaRMSNorm(w))
+        self.input_layernorm, self.post_attention_layernorm = norm(width), norm(width)
+        self.self_attn = nn.ModuleDict({n: nn.Linear(width, width) for n in ("q_proj", "k_proj", "v_proj", "o_proj")})
+        self.mlp = nn.ModuleDict({"gate_proj": nn.Linear(width, 32), "up_proj": nn.Linear(width, 32),
+                                  "down_proj": nn.Linear(32, width)})
+        self.parallel, self.gated = parallel, gated
+
+    def forward(self, x):
+        h = self.input_layernorm(x)
+        a = self.self_attn
+        x = x + a["o_proj"](a["q_proj"](h) * a["k_proj"](h) + a["v_proj"](h))
+        m = h if self.parallel else self.post_attention_layernorm(x)
+        up = self.mlp["up_proj"](m)
+        inner = torch.sigmoid(self.mlp["gate_proj"](m)) * up if self.gated else torch.relu(up).pow(2)
+        return x + self.mlp["down_proj"](inner)
+
+
+def _exact(block):
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(1))
+    sites = find_sites(block, {n: SCHEME for n in LINEARS})
+    return [s.source for s in exact_sites(block, sites, lambda: block(x))]
+
+
+def test_only_sites_whose_fold_is_exact_on_the_block_are_used():
+    assert _exact(ToyBlock()) == ["input_layernorm", "post_attention_layernorm", "mlp.up_proj"]
+    # o_proj reads q*k + v here, not v alone: the v_proj site is named but does not fold exactly
+    assert "self_attn.v_proj" in [s.source for s in find_sites(ToyBlock(), {n: SCHEME for n in LINEARS})]
+    # one norm feeds attention and MLP (the other norm is unused): neither norm site folds exactly
+    assert _exact(ToyBlock(parallel=True)) == ["mlp.up_proj"]
+    assert _exact(ToyBlock(gated=False)) == ["input_layernorm", "post_attention_layernorm"]
+    assert _exact(ToyBlock(offset_norm=True)) == ["mlp.up_proj"]
+    block, x = ToyBlock(), torch.randn(1, 3, 16)
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    exact_sites(block, find_sites(block, {n: SCHEME for n in LINEARS}), lambda: block(x))
+    assert all(torch.equal(before[k], v) for k, v in block.state_dict().items())  # every trial undone
 
 
 def test_scale_block_updates_the_activation_sums_to_the_scaled_inputs():
