@@ -1,6 +1,6 @@
 """Activation-aware channel scaling: the fold leaves the float model unchanged, the Gram-matrix error is the output
-error, the search favours loud channels and never scores worse than no scaling, sites are found only where a
-scale folds exactly, and the rewritten norms reach the checkpoint in every mode (in memory, resumed, low memory)."""
+error, the search favours loud channels, sites are used only where a scale folds exactly, and the rewritten norms
+reach the checkpoint in every mode (in memory, resumed, low memory)."""
 from __future__ import annotations
 
 import os
@@ -75,7 +75,7 @@ def test_gram_error_is_the_output_error():
     assert output_error([w], [SCHEME], x.t() @ x, s) == pytest.approx(float(direct), rel=1e-4)
 
 
-def test_search_favours_loud_channels_and_never_scores_worse_than_none():
+def test_search_favours_loud_channels():
     torch.manual_seed(0)
     x = torch.randn(400, 64)
     x[:, :3] *= 25
@@ -83,9 +83,6 @@ def test_search_favours_loud_channels_and_never_scores_worse_than_none():
     s, alpha, err, unscaled = search_site(weights, [SCHEME, SCHEME], x.t() @ x)
     assert alpha > 0 and err < unscaled
     assert s[:3].min() > s[3:].max()  # the loud channels get the larger share of the grid
-    quiet = torch.randn(400, 64)  # alike channels: whatever is chosen is no worse than leaving them alone
-    _, _, err, unscaled = search_site(weights, [SCHEME, SCHEME], quiet.t() @ quiet)
-    assert err <= unscaled
 
 
 def test_sites_only_where_a_scale_folds_exactly():
