@@ -27,8 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..file_pages import page_out
-from ..scheme import QuantScheme
-from .fakequant import GroupedWeight, fake_quant_values
+from ..qdq import qdq
 from .input_hooks import InputHooks
 
 logger = logging.getLogger(__name__)
@@ -50,16 +49,6 @@ SITES = (
     ScaleSite("mlp.up_proj", ("mlp.down_proj",)),  # gated MLP: down_proj reads act(gate_proj(x)) * up_proj(x)
     ScaleSite("self_attn.v_proj", ("self_attn.o_proj",)),  # o_proj reads the heads' values (not under GQA)
 )
-
-
-@dataclass
-class SiteChoice:
-    """The outcome for one site: ``alpha`` chosen (0: left alone) and its RTN output error against ``alpha = 0``."""
-
-    site: str
-    alpha: float
-    error: float
-    error_unscaled: float
 
 
 def find_sites(block: nn.Module, layers) -> list[ScaleSite]:
@@ -137,19 +126,11 @@ class InputGram(InputHooks):
         self.grams[name] = gram if name not in self.grams else self.grams[name].add_(gram)
 
 
-def rtn_values(weight: torch.Tensor, scheme: QuantScheme) -> torch.Tensor:
-    """Plain RTN of ``weight`` ``[out, in]`` in float32 (``qdq.qdq``'s values with V = 0 and the full range)."""
-    g = GroupedWeight.from_weight(weight, scheme)
-    ones = torch.ones_like(g.low)
-    w_hat, _ = fake_quant_values(g.wg, g.low, g.high, torch.zeros_like(g.wg), ones, ones, scheme.bits, scheme.sym)
-    return w_hat.reshape(weight.shape[0], -1)[:, :weight.shape[1]]
-
-
 def output_error(weights, schemes, gram: torch.Tensor, s: torch.Tensor) -> float:
     """``sum over consumers of ||X W^T - (X/s) Q(W diag(s))^T||^2`` from ``gram = X^T X``."""
     total = 0.0
     for w, scheme in zip(weights, schemes):
-        d = rtn_values(w * s, scheme) / s - w
+        d = qdq(w * s, scheme) / s - w
         total += float(((d @ gram) * d).sum())
     return total
 
@@ -196,15 +177,16 @@ def fold_scale(block: nn.Module, site: ScaleSite, s: torch.Tensor, release: bool
 
 
 def scale_block(block: nn.Module, layers: dict, sites: list[ScaleSite], grams: dict[str, torch.Tensor],
-                act_sums: dict[str, torch.Tensor] | None = None) -> list[SiteChoice]:
-    """Search and fold each site's scale; ``act_sums`` (per-channel ``sum x^2`` of the consumers, for the
-    optimised-RTN search that follows) are divided by ``s^2`` to match the scaled inputs."""
-    choices = []
+                act_sums: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Search and fold each site's scale; returns site source -> alpha chosen (0: left alone). ``act_sums``
+    (per-channel ``sum x^2`` of the consumers, for the optimised-RTN search that follows) are divided by ``s^2``
+    to match the scaled inputs."""
+    choices = {}
     for site in sites:
         gram = grams[site.consumers[0]]
         weights = [block.get_submodule(n).weight for n in site.consumers]
-        s, alpha, err, unscaled = search_site(weights, [layers[n] for n in site.consumers], gram)
-        choices.append(SiteChoice(site.source, alpha, err, unscaled))
+        s, alpha, _, _ = search_site(weights, [layers[n] for n in site.consumers], gram)
+        choices[site.source] = alpha
         if alpha == 0:
             continue
         fold_scale(block, site, s)

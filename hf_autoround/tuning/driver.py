@@ -145,8 +145,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     if not layers:
         q_out = run_block(block, inputs, q_hidden, batch, compute, store) if q_hidden is not fp_hidden else targets
         return targets, q_out
-    choices = scale_block(block, layers, sites, grams.grams, act.sums if act else None)
-    stats.scaling = {c.site: c.alpha for c in choices}
+    stats.scaling = scale_block(block, layers, sites, grams.grams, act.sums if act else None)
     init = {n: search_scales(block.get_submodule(n).weight, s, act.sums[n]) for n, s in layers.items()} \
         if want_stats else None
     tuned_on = q_hidden if options.enable_quanted_input else fp_hidden

@@ -8,17 +8,13 @@ import pytest
 import torch
 from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM
-from tuning_helpers import one_thread  # noqa: F401  (autouse)
+from tuning_helpers import calib, one_thread  # noqa: F401  (autouse)
 
 from hf_autoround import AutoRound
 from hf_autoround.autoround import build_extra_config, parse_scheme
 from hf_autoround.quant_linear import QuantLinear
 from hf_autoround.recipes import apply_recipe, recipe_overrides
 
-
-def calib(n=8, seq=24):
-    torch.manual_seed(3)
-    return [torch.randint(1, 256, (seq,)) for _ in range(n)]
 
 
 def small(model, **kw):

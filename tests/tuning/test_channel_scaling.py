@@ -12,12 +12,13 @@ from conftest import tiny_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
-from tuning_helpers import one_thread  # noqa: F401  (autouse)
+from tuning_helpers import calib, one_thread  # noqa: F401  (autouse)
 
 from hf_autoround import AutoRound
 from hf_autoround.scheme import QuantScheme
+from hf_autoround.qdq import qdq
 from hf_autoround.tuning.channel_scaling import (InputGram, exact_sites, find_sites, fold_scale, output_error,
-                                                 rtn_values, scale_block, search_site)
+                                                 scale_block, search_site)
 from hf_autoround.tuning.lazy_blocks import load_lazily
 from hf_autoround.tuning.resume import ResumeState
 
@@ -40,10 +41,6 @@ def loud_llama(kv_heads: int = 2, seed: int = 0):
             layer.mlp.up_proj.weight[:6] *= 8
     return model
 
-
-def calib():
-    torch.manual_seed(3)
-    return [torch.randint(1, 256, (24,)) for _ in range(8)]
 
 
 def settings(**kw):
@@ -71,7 +68,7 @@ def test_folding_any_scale_leaves_the_float_model_unchanged():
 def test_gram_error_is_the_output_error():
     torch.manual_seed(0)
     x, w, s = torch.randn(50, 64), torch.randn(24, 64), torch.rand(64) + 0.5
-    direct = (x @ w.t() - (x / s) @ rtn_values(w * s, SCHEME).t()).pow(2).sum()
+    direct = (x @ w.t() - (x / s) @ qdq(w * s, SCHEME).t()).pow(2).sum()
     assert output_error([w], [SCHEME], x.t() @ x, s) == pytest.approx(float(direct), rel=1e-4)
 
 
@@ -164,8 +161,7 @@ def test_scale_block_updates_the_activation_sums_to_the_scaled_inputs():
         block.self_attn.q_proj(norm_x)
     sums = {n: norm_x.pow(2).reshape(-1, 64).sum(0) for n in sites[0].consumers}
     before = block.input_layernorm.weight.detach().clone()
-    choices = scale_block(block, layers, sites[:1], grams.grams, sums)
-    assert choices[0].alpha > 0 and choices[0].error < choices[0].error_unscaled
+    assert scale_block(block, layers, sites[:1], grams.grams, sums)["input_layernorm"] > 0
     scaled_x = block.input_layernorm(x)
     torch.testing.assert_close(sums["self_attn.q_proj"], scaled_x.pow(2).reshape(-1, 64).sum(0), rtol=1e-4,
                                atol=1e-6)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import build_tiny_model
-from tuning_helpers import one_thread  # noqa: F401  (autouse)
+from tuning_helpers import calib, one_thread  # noqa: F401  (autouse)
 
 from hf_autoround import AutoRoundConfig
 from hf_autoround.quant_linear import QuantLinear
@@ -15,10 +15,6 @@ from hf_autoround.tuning import TuningReport
 from hf_autoround.tuning.opt_rtn import search_scales
 from hf_autoround.qdq import qdq, to_groups
 
-
-def calib(n=8, seq=24, seed=3):
-    torch.manual_seed(seed)
-    return [torch.randint(1, 256, (seq,)) for _ in range(n)]
 
 
 def packed(model) -> dict:

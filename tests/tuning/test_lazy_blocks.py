@@ -10,17 +10,13 @@ import torch
 from conftest import build_tiny_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
-from tuning_helpers import one_thread  # noqa: F401  (autouse)
+from tuning_helpers import calib, one_thread  # noqa: F401  (autouse)
 
 from hf_autoround import AutoRound
 from hf_autoround.quant_linear import QuantLinear
 from hf_autoround.tuning.lazy_blocks import LazyBlocks, lazy_blocks_of, load_lazily, materialize
 from hf_autoround.tuning.resume import ResumeState
 
-
-def calib():
-    torch.manual_seed(3)
-    return [torch.randint(1, 256, (24,)) for _ in range(8)]
 
 
 def settings(**kw):

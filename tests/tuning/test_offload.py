@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import build_tiny_model
 from transformers import AutoModelForCausalLM
-from tuning_helpers import one_thread  # noqa: F401  (autouse)
+from tuning_helpers import calib, one_thread  # noqa: F401  (autouse)
 
 from hf_autoround import AutoRound
 from hf_autoround.quant_linear import QuantLinear
@@ -16,10 +16,6 @@ from hf_autoround.tuning.offload import is_offloaded
 
 pytest.importorskip("accelerate")
 
-
-def calib():
-    torch.manual_seed(3)
-    return [torch.randint(1, 256, (24,)) for _ in range(8)]
 
 
 def settings(**kw):

@@ -15,7 +15,7 @@ import time
 import pytest
 import torch
 from conftest import FIXTURES, tiny_config
-from tuning_helpers import one_thread  # noqa: F401  (autouse)
+from tuning_helpers import calib, one_thread  # noqa: F401  (autouse)
 
 from hf_autoround import AutoRound
 from hf_autoround.tuning import driver
@@ -32,10 +32,6 @@ def llama3(seed: int = 0):
     torch.manual_seed(seed)
     return AutoModelForCausalLM.from_config(config).eval()
 
-
-def calib():
-    torch.manual_seed(3)
-    return [torch.randint(1, 256, (24,)) for _ in range(8)]
 
 
 def tuner(model=None, **kw) -> AutoRound:

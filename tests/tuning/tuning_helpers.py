@@ -15,6 +15,12 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+def calib(n: int = 8, seq: int = 24, seed: int = 3) -> list[torch.Tensor]:
+    """``n`` random token-id samples of ``seq`` tokens (ids 1..255), the same for a given seed."""
+    torch.manual_seed(seed)
+    return [torch.randint(1, 256, (seq,)) for _ in range(n)]
+
+
 class CharTokenizer:
     """Bytes as token ids (0..255); enough of the tokenizer interface for calibration data."""
 
