@@ -74,9 +74,10 @@ class AutoRound:
     :mod:`hf_autoround.tuning.data` (None = the bundled English set). ``device``, ``low_gpu_mem_usage`` and
     ``enable_torch_compile`` are accepted for compatibility; this build runs on the CPU.
 
-    Precision of the tuning: the forward, the float targets and every loss are float32. ``bf16_backward`` ("auto":
-    on where the CPU multiplies bf16 natively) computes the tuned linears' backward products in bf16, which only
-    steers the signed steps; ``amp=True`` also autocasts the forward to bf16 (faster still, less accurate).
+    Precision of the tuning: the float targets, the blocks' propagated outputs and the norms, attention and losses
+    are float32. ``bf16_backward`` and ``bf16_forward`` ("auto": on where the CPU multiplies bf16 natively) run
+    the tuned linears' backward and forward products in bf16 (``tuning.bf16_matmul``; the forward of the attention
+    query/key projections stays float32); ``amp=True`` autocasts the whole block forward to bf16 (less accurate).
     ``init_opt_rtn`` (default True) starts the min/max range factors from the optimised-RTN search.
     ``channel_scaling`` (default True) first folds activation-aware per-channel scales into each block's norms
     (and into ``up_proj`` / ``v_proj`` rows), searched per block on the calibration inputs (``tuning.channel_scaling``).

@@ -13,6 +13,7 @@ from ..qdq import quantize_weight
 from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
 from .block_group import BlockGroup, group_indices
+from .bf16_matmul import native_bf16
 from .block_loss import block_loss
 from .cache import BlockInputs, capture_block_inputs, forward_block, run_block
 from .channel_scaling import InputGram, exact_sites, find_sites, scale_block
@@ -62,11 +63,12 @@ def _log_precision(options: TuningOptions) -> None:
     sr = options.signround
     if sr.iters == 0:
         return
-    forward = "bf16 autocast" if sr.amp else "float32"
-    backward = "bfloat16 (this CPU multiplies bf16 natively; bf16_backward=False keeps float32)" \
-        if sr.bf16_backward else "float32"
-    logger.info("SignRound: %s block loss; forward and losses in %s, backward matmuls of the tuned linears in %s",
-                sr.loss, forward, backward)
+    if sr.amp:
+        precision = "forward under bf16 autocast"
+    else:
+        precision = f"losses and propagated outputs in float32; tuned linears: {sr.bf16.describe()}"
+    native = "this CPU multiplies bf16 natively" if native_bf16() else "no native bf16 on this CPU"
+    logger.info("SignRound: %s block loss; %s (%s; bf16_forward / bf16_backward choose)", sr.loss, precision, native)
 
 
 def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar,

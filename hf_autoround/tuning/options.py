@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .low_precision_grad import native_bf16
+from .bf16_matmul import MatmulPrecision, native_bf16
 from .signround import SignRoundSettings
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ class TuningOptions:
                                                     kwargs.pop("gradient_accumulate_steps", 1)),
             enable_minmax_tuning=bool(kwargs.pop("enable_minmax_tuning", True)),
             seed=config.seed, amp=bool(kwargs.pop("amp", False)),
-            bf16_backward=_bf16_backward(kwargs.pop("bf16_backward", "auto")),
+            bf16=MatmulPrecision(forward=_auto_bf16("bf16_forward", kwargs.pop("bf16_forward", "auto")),
+                                 backward=_auto_bf16("bf16_backward", kwargs.pop("bf16_backward", "auto"))),
             loss=kwargs.pop("loss", SignRoundSettings.loss),
         )
         options = cls(
@@ -124,12 +125,12 @@ def check_device(device) -> None:
     logger.warning("device=%r: this build tunes on the CPU; the model stays where it is", device)
 
 
-def _bf16_backward(value) -> bool:
+def _auto_bf16(name: str, value) -> bool:
     """"auto": on where this CPU multiplies bf16 natively (there it is faster); True / False force it."""
     if value == "auto":
         return native_bf16()
     if not isinstance(value, bool):
-        raise ValueError(f"bf16_backward={value!r}: expected 'auto', True or False")
+        raise ValueError(f"{name}={value!r}: expected 'auto', True or False")
     return value
 
 

@@ -24,7 +24,7 @@ from ..scheme import QuantScheme
 from .block_loss import LOSSES, block_loss
 from .cache import BlockInputs, forward_block
 from .fakequant import GroupedWeight, fake_quant
-from .low_precision_grad import bf16_backward_linear
+from .bf16_matmul import MatmulPrecision
 
 V_LIMIT = 0.5
 
@@ -69,7 +69,7 @@ class SignRoundSettings:
     seed: int = 42
     compute_dtype: torch.dtype = torch.float32
     amp: bool = False  # bf16 autocast for the block forward (fp32 master parameters)
-    bf16_backward: bool = False  # the planned linears' backward products in bf16, forward exact (low_precision_grad)
+    bf16: MatmulPrecision = MatmulPrecision()  # which products of the tuned linears run in bf16 (bf16_matmul)
     loss: str = "relative"  # per-token relative MSE, or "mse", the reference's plain MSE (block_loss)
 
     def __post_init__(self):
@@ -121,19 +121,20 @@ class GridQdqLinear(nn.Module):
         return self.matmul(x, w_hat.to(x.dtype), self.linear.bias)
 
 
-def _wrapper(linear: nn.Linear, target: Target, params: LayerParams, bf16_backward: bool) -> nn.Module:
-    matmul = bf16_backward_linear if bf16_backward else F.linear
+def _wrapper(linear: nn.Linear, target: Target, params: LayerParams, matmul) -> nn.Module:
     if isinstance(target, GridWeight):
         return GridQdqLinear(linear, target, params, matmul)
     return QdqLinear(linear, target, params, matmul)
 
 
 @contextlib.contextmanager
-def wrapped(block: nn.Module, layers: dict[str, Target], params: dict[str, LayerParams], bf16_backward: bool = False):
-    """Swap the block's planned linears for fake-quantising ones while inside the context; restore them after."""
+def wrapped(block: nn.Module, layers: dict[str, Target], params: dict[str, LayerParams],
+            bf16: MatmulPrecision = MatmulPrecision()):
+    """Swap the block's planned linears for fake-quantising ones while inside the context; restore them after.
+    ``bf16``: where their products run in bfloat16 (the default, float32, is exact)."""
     originals = {name: block.get_submodule(name) for name in layers}
     for name, linear in originals.items():
-        set_submodule(block, name, _wrapper(linear, layers[name], params[name], bf16_backward))
+        set_submodule(block, name, _wrapper(linear, layers[name], params[name], bf16.matmul(name)))
     try:
         yield
     finally:
@@ -208,7 +209,7 @@ def tune_block(block: nn.Module, layers: dict[str, Target], inputs: BlockInputs,
     result = BlockResult({})
     sampler = BatchSampler(inputs.nsamples, settings.batch_size * settings.gradient_accumulate_steps, settings.seed)
     try:
-        with wrapped(block, layers, params, settings.bf16_backward):
+        with wrapped(block, layers, params, settings.bf16):
             _loop(block, inputs, q_hidden, targets, settings, params, sampler, result)
     finally:
         for p in frozen:

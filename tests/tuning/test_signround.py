@@ -9,10 +9,13 @@ from tuning_helpers import one_thread  # noqa: F401  (autouse)
 from hf_autoround.scheme import QuantScheme
 from hf_autoround.tuning.cache import capture_block_inputs, forward_block, run_block
 from hf_autoround.tuning.data import CalibrationData
+from hf_autoround.tuning.bf16_matmul import MatmulPrecision
 from hf_autoround.tuning.block_loss import block_loss
 from hf_autoround.tuning.signround import BatchSampler, LayerParams, SignRoundSettings, _step, tune_block, wrapped
 
 SCHEME = QuantScheme(2, 32, False)  # 2-bit: large rounding errors, so tuning has something to win
+# float32; bf16 backward products; bf16 forward and backward products (q/k forward float32)
+PRECISIONS = [MatmulPrecision(), MatmulPrecision(backward=True), MatmulPrecision(forward=True, backward=True)]
 
 
 def block_setup(arch="llama", n=8, seq=24):
@@ -27,33 +30,34 @@ def block_setup(arch="llama", n=8, seq=24):
     return block, inputs, targets, layers
 
 
-def loss_with(block, layers, params, inputs, targets, idx, kind=SignRoundSettings.loss):
-    with wrapped(block, layers, params), torch.no_grad():
+def loss_with(block, layers, params, inputs, targets, idx, kind=SignRoundSettings.loss, bf16=MatmulPrecision()):
+    with wrapped(block, layers, params, bf16), torch.no_grad():
         pred = forward_block(block, inputs, inputs.hidden, idx, torch.float32)
     return block_loss(pred, targets.index_select(0, idx), None, kind).item()
 
 
-@pytest.mark.parametrize("bf16_backward", [False, True])
-def test_kept_parameters_have_the_best_loss(bf16_backward):
+@pytest.mark.parametrize("bf16", PRECISIONS)
+def test_kept_parameters_have_the_best_loss(bf16):
     block, inputs, targets, layers = block_setup(n=4)
-    # one batch = every sample: each step sees the same data; bf16 backward products leave the losses exact
-    settings = SignRoundSettings(iters=25, batch_size=4, bf16_backward=bf16_backward)
+    # one batch = every sample: each step sees the same data, and the kept parameters give the loss recorded
+    settings = SignRoundSettings(iters=25, batch_size=4, bf16=bf16)
     result = tune_block(block, layers, inputs, inputs.hidden, targets, settings)
     assert result.best_loss == min(result.losses)
     assert result.losses[result.best_iter] == result.best_loss
-    kept = loss_with(block, layers, result.params, inputs, targets, torch.arange(4))
+    kept = loss_with(block, layers, result.params, inputs, targets, torch.arange(4), bf16=bf16)
     assert abs(kept - result.best_loss) <= 1e-6 * result.best_loss
 
 
-@pytest.mark.parametrize("bf16_backward, kind", [(False, "relative"), (True, "relative"), (False, "mse")])
-def test_tuning_lowers_the_block_loss_against_rtn(bf16_backward, kind):
+@pytest.mark.parametrize("bf16, kind", [(p, "relative") for p in PRECISIONS] + [(PRECISIONS[0], "mse")])
+def test_tuning_lowers_the_block_loss_against_rtn(bf16, kind):
     block, inputs, targets, layers = block_setup()
     result = tune_block(block, layers, inputs, inputs.hidden, targets,
-                        SignRoundSettings(iters=60, batch_size=8, bf16_backward=bf16_backward, loss=kind))
+                        SignRoundSettings(iters=60, batch_size=8, bf16=bf16, loss=kind))
     rtn = {n: LayerParams.initial(block.get_submodule(n).weight, s) for n, s in layers.items()}
     everything = torch.arange(inputs.nsamples)
-    rtn_loss = loss_with(block, layers, rtn, inputs, targets, everything, kind)
-    assert result.first_loss == rtn_loss  # step 0 runs with the RTN parameters on the whole (single) batch
+    # step 0 runs with the RTN parameters on the whole (single) batch
+    assert result.first_loss == loss_with(block, layers, rtn, inputs, targets, everything, kind, bf16)
+    rtn_loss = loss_with(block, layers, rtn, inputs, targets, everything, kind)  # exact products from here on
     assert loss_with(block, layers, result.params, inputs, targets, everything, kind) < 0.9 * rtn_loss
 
 

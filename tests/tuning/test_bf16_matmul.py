@@ -1,0 +1,81 @@
+"""The bf16 linears: exact or bf16-close forward, backward products close to float32 with the same signs; which
+linear each tuned layer gets; the options."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_autoround import AutoRoundConfig
+from hf_autoround.tuning.bf16_matmul import (MatmulPrecision, bf16_backward_linear, bf16_linear, native_bf16,
+                                              scores_attention)
+from hf_autoround.tuning.options import TuningOptions
+
+
+def grads(fn, x, w, b):
+    x, w = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    y = fn(x, w, b)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), x.grad, w.grad
+
+
+def test_forward_is_exact_and_gradients_are_bf16_close():
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(3, 40, 96, generator=gen), torch.randn(64, 96, generator=gen), torch.randn(64, generator=gen)
+    y, dx, dw = grads(bf16_backward_linear, x, w, b)
+    y_ref, dx_ref, dw_ref = grads(F.linear, x, w, b)
+    assert torch.equal(y, y_ref)  # the loss SignRound selects on is untouched
+    assert dx.dtype == dw.dtype == torch.float32
+    for got, want in ((dx, dx_ref), (dw, dw_ref)):
+        rel = (got - want).abs().max() / want.abs().max()
+        assert 0 < rel < 2e-2  # rounded (so the test sees the bf16 path), but only by bf16 precision
+        big = want.abs() > 0.05 * want.abs().max()
+        assert torch.equal(got.sign()[big], want.sign()[big])
+
+
+def test_bf16_forward_is_close_and_its_gradients_are_the_bf16_products_of_the_rounded_inputs():
+    gen = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(3, 40, 96, generator=gen), torch.randn(64, 96, generator=gen), torch.randn(64, generator=gen)
+    y, dx, dw = grads(bf16_linear, x, w, b)
+    y_ref, dx_ref, dw_ref = grads(F.linear, x, w, b)
+    assert y.dtype == dx.dtype == dw.dtype == torch.float32
+    rel = (y - y_ref).abs().max() / y_ref.abs().max()
+    assert 0 < rel < 1e-2
+    assert torch.equal(y, F.linear(x.bfloat16(), w.bfloat16()).float() + b)  # bf16 product, float32 bias
+    _, dx_bwd, dw_bwd = grads(bf16_backward_linear, x, w, b)
+    assert torch.equal(dx, dx_bwd) and torch.equal(dw, dw_bwd)  # the same bf16 copies feed the backward
+
+
+@pytest.mark.parametrize("fn", [bf16_backward_linear, bf16_linear])
+def test_frozen_inputs_get_no_gradient_and_a_trainable_bias_gets_its_own(fn):
+    x, w = torch.randn(5, 32), torch.randn(8, 32, requires_grad=True)
+    fn(x, w, None).sum().backward()
+    assert x.grad is None and w.grad is not None
+    b = torch.randn(8, requires_grad=True)
+    y = fn(x.unsqueeze(0), w, b)
+    (y * torch.arange(8.0)).sum().backward()
+    assert torch.equal(b.grad, torch.arange(8.0) * 5)  # summed over the 5 rows, exactly (no bf16 rounding)
+
+
+def test_each_layer_gets_its_linear():
+    both, backward, none = MatmulPrecision(True, True), MatmulPrecision(False, True), MatmulPrecision()
+    assert both.matmul("mlp.down_proj") is bf16_linear
+    assert both.matmul("self_attn.v_proj") is bf16_linear
+    for scores in ("self_attn.q_proj", "0.self_attn.k_proj", "self_attn.qkv_proj", "attn.c_attn"):
+        assert scores_attention(scores)
+        assert both.matmul(scores) is bf16_backward_linear  # attention logits keep a float32 forward
+    assert MatmulPrecision(True, False).matmul("self_attn.q_proj") is F.linear
+    assert backward.matmul("mlp.down_proj") is bf16_backward_linear
+    assert none.matmul("mlp.down_proj") is F.linear
+    assert not scores_attention("self_attn.o_proj")
+
+
+@pytest.mark.parametrize("name", ["bf16_forward", "bf16_backward"])
+def test_options_default_to_where_bf16_is_native(name):
+    config = AutoRoundConfig(bits=4, group_size=32, iters=2)
+    field = name.split("_")[1]
+    assert getattr(TuningOptions.from_config(config).signround.bf16, field) == native_bf16()
+    assert getattr(TuningOptions.from_config(config, **{name: False}).signround.bf16, field) is False
+    assert getattr(TuningOptions.from_config(config, **{name: True}).signround.bf16, field) is True
+    with pytest.raises(ValueError, match=f"{name}='yes'"):
+        TuningOptions.from_config(config, **{name: "yes"})
