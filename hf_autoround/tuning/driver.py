@@ -12,8 +12,8 @@ import torch.nn as nn
 from ..qdq import quantize_weight
 from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
-from .block_group import BlockGroup, group_indices
 from .bf16_matmul import native_bf16
+from .block_group import BlockGroup, group_indices
 from .block_loss import block_loss
 from .cache import BlockInputs, capture_block_inputs, forward_block, run_block
 from .channel_scaling import InputGram, exact_sites, find_sites, scale_block

@@ -7,7 +7,8 @@ is a GGUF grid, ``GridWeight``, is swapped for a ``GridQdqLinear``: its grid's s
 Each step draws one batch, computes the (padding-masked) loss between the block on its quantized inputs and the float
 targets (by default each token's squared error relative to its target's power, ``block_loss``), and moves
 every parameter by ``-lr * sign(grad)`` with ``lr`` decaying linearly to 0. The parameters of the step with the
-lowest loss are the ones kept.
+lowest loss are the ones kept. ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16
+(``bf16_matmul``); the float targets and the block outputs handed on are computed outside the loop, in float32.
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ import torch.nn.functional as F
 from ..convert import set_submodule
 from ..export.gguf.grid import GridWeight
 from ..scheme import QuantScheme
+from .bf16_matmul import MatmulPrecision
 from .block_loss import LOSSES, block_loss
 from .cache import BlockInputs, forward_block
 from .fakequant import GroupedWeight, fake_quant
-from .bf16_matmul import MatmulPrecision
 
 V_LIMIT = 0.5
 
