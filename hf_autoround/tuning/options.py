@@ -127,16 +127,12 @@ def check_device(device) -> None:
 
 def _auto_bf16(name: str, value) -> bool:
     """"auto": on where this CPU multiplies bf16 natively (there it is faster); True / False force it."""
-    if value == "auto":
-        return native_bf16()
-    if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: expected 'auto', True or False")
-    return value
+    return native_bf16() if value == "auto" else _flag(name, value, "'auto', True or False")
 
 
-def _flag(name, value) -> bool:
+def _flag(name, value, expected: str = "True or False") -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"{name}={value!r}: expected True or False")
+        raise ValueError(f"{name}={value!r}: expected {expected}")
     return value
 
 
