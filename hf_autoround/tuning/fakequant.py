@@ -67,10 +67,18 @@ def fake_quant_values(wg, low, high, v, mn, mx, bits: int, sym: bool):
         scale, zero, aux = _sym_scale(low, high, mn, mx, bits)
     else:
         scale, zero, aux = _asym_scale(low, high, mn, mx, maxq)
-    s, z = scale.unsqueeze(-1), zero.unsqueeze(-1)
-    rz = (wg / s + v).round_() + z
-    inside = (rz >= 0) & (rz <= maxq)
-    q_minus_z = rz.clamp_(0, maxq).sub_(z)
+    s = scale.unsqueeze(-1)
+    r = torch.addcdiv(v, wg, s).round_()  # round(W/s + V)
+    # inside: r + z within [0, maxq] (the clamp left it alone), where the rounding's gradient passes
+    if sym:  # z = 2^(b-1) everywhere: clamp(r + z, 0, maxq) - z = clamp(r, -z, maxq - z)
+        half = 2 ** (bits - 1)
+        q_minus_z = r.clamp(-half, maxq - half)
+        inside = q_minus_z == r
+    else:
+        rz = r.add_(zero.unsqueeze(-1))
+        q = rz.clamp(0, maxq)
+        inside = q == rz
+        q_minus_z = q.sub_(zero.unsqueeze(-1))
     return q_minus_z * s, (scale, zero, inside, q_minus_z, *aux)
 
 
