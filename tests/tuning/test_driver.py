@@ -46,7 +46,9 @@ def test_same_seed_is_bit_identical(arch):
     runs = []
     for seed in (7, 7, 8):
         model = build_tiny_model(arch)
-        quantize_model(model, config(seed=seed), dataset=calib(), progress=False)
+        # lr 0.02: the 8 steps improve on the start in every block (at 1/8 they overshoot and the start is kept,
+        # whatever the seed), so the kept parameters depend on the seed's batches
+        quantize_model(model, config(seed=seed, lr=0.02), dataset=calib(), progress=False)
         runs.append(packed(model))
     assert same_packing(runs[0], runs[1])
     assert not same_packing(runs[0], runs[2])  # the seed matters, so the first check can fail
