@@ -12,11 +12,11 @@ Two linears, picked per layer (``MatmulPrecision.matmul``):
 
 Both return results in the caller's dtypes: the master parameters, the float targets and the losses stay float32.
 (The driver computes the quantised outputs handed to the next block with the same linears, and ``forward`` also
-picks bf16 products for channel scaling's statistics, ``channel_scaling.search_site``.) The forward of a linear whose outputs become attention logits
-(``SCORE_LINEARS``: ``q_proj``, ``k_proj``, fused ``qkv``) stays float32: the softmax turns bf16's relative error
-of a large logit (attention sinks) into a large error of the attention weights. In scratch runs (SmolLM2-135M
-W4G128, 4 blocks, three seeds) a bf16 forward of every tuned linear gave a worse perplexity than float32 at two
-seeds of three, while this split gave a better one at all three.
+picks bf16 products for channel scaling's statistics, ``channel_scaling.search_site``.) The forward of a linear
+whose outputs become attention logits (``SCORE_LINEARS``: ``q_proj``, ``k_proj``, fused ``qkv``) stays float32:
+the softmax turns bf16's relative error of a large logit (attention sinks) into a large error of the attention
+weights. In scratch runs (SmolLM2-135M W4G128, 4 blocks, three seeds) a bf16 forward of every tuned linear gave a
+worse perplexity than float32 at two seeds of three, while this split gave a better one at all three.
 """
 from __future__ import annotations
 
