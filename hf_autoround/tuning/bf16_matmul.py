@@ -10,13 +10,12 @@ Two linears, picked per layer (``MatmulPrecision.matmul``):
   the backward reads); the forward's product is a bf16 tensor (the CPU matmul rounds its float32 accumulator),
   widened back to float32 before the bias is added.
 
-Both return results in the caller's dtypes: the master parameters, the float targets and the losses stay float32.
-(The driver computes the quantised outputs handed to the next block with the same linears, and ``forward`` also
-picks bf16 products for channel scaling's statistics, ``channel_scaling.search_site``.) The forward of a linear
-whose outputs become attention logits (``SCORE_LINEARS``: ``q_proj``, ``k_proj``, fused ``qkv``) stays float32:
-the softmax turns bf16's relative error of a large logit (attention sinks) into a large error of the attention
-weights. In scratch runs (SmolLM2-135M W4G128, 4 blocks, three seeds) a bf16 forward of every tuned linear gave a
-worse perplexity than float32 at two seeds of three, while this split gave a better one at all three.
+Both return results in the caller's dtypes: the master parameters, the float targets and the propagated
+(quantised) block outputs stay float32. The forward of a linear whose outputs become attention logits
+(``SCORE_LINEARS``: ``q_proj``, ``k_proj``, fused ``qkv``) stays float32: the softmax turns bf16's relative error
+of a large logit (attention sinks) into a large error of the attention weights. In scratch runs (SmolLM2-135M
+W4G128, 4 blocks, three seeds) a bf16 forward of every tuned linear gave a worse perplexity than float32 at two
+seeds of three, while this split gave a better one at all three.
 """
 from __future__ import annotations
 
@@ -44,8 +43,7 @@ def scores_attention(name: str) -> bool:
 
 @dataclass(frozen=True)
 class MatmulPrecision:
-    """Which products of the tuned linears run in bfloat16: ``forward`` (except ``SCORE_LINEARS``; it also picks
-    bf16 for channel scaling's statistics), ``backward``."""
+    """Which products of the tuned linears run in bfloat16: ``forward`` (except ``SCORE_LINEARS``), ``backward``."""
 
     forward: bool = False
     backward: bool = False
@@ -57,8 +55,7 @@ class MatmulPrecision:
         return bf16_backward_linear if self.backward else F.linear
 
     def describe(self) -> str:
-        forward = "bfloat16 (attention query/key projections: float32; channel-scaling statistics: bfloat16)" \
-            if self.forward else "float32"
+        forward = "bfloat16 (attention query/key projections: float32)" if self.forward else "float32"
         return f"forward products in {forward}, backward products in " \
                f"{'bfloat16' if self.backward else 'float32'}"
 

@@ -114,27 +114,24 @@ def _site_tensors(block: nn.Module, site: ScaleSite) -> list[torch.Tensor]:
 
 
 class InputGram(InputHooks):
-    """``X^T X`` (stored in float32) of the inputs of each site's first consumer, over every token seen; ``bf16``:
-    each batch's product from bf16 copies of ``X`` (see ``search_site``)."""
+    """``X^T X`` (float32) of the inputs of each site's first consumer, over every token seen."""
 
-    def __init__(self, block: nn.Module, sites: list[ScaleSite], bf16: bool = False):
+    def __init__(self, block: nn.Module, sites: list[ScaleSite]):
         super().__init__(block, [s.consumers[0] for s in sites])
         self.grams: dict[str, torch.Tensor] = {}
-        self.dtype = torch.bfloat16 if bf16 else torch.float32
 
     def observe(self, name: str, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1]).to(self.dtype)
-        gram = (x.t() @ x).float()
+        x = x.reshape(-1, x.shape[-1]).float()
+        gram = x.t() @ x
         self.grams[name] = gram if name not in self.grams else self.grams[name].add_(gram)
 
 
 def output_error(weights, schemes, gram: torch.Tensor, s: torch.Tensor) -> float:
-    """``sum over consumers of ||X W^T - (X/s) Q(W diag(s))^T||^2`` from ``gram = X^T X``; the product ``D H`` runs
-    in ``gram``'s dtype, the sum in float32."""
+    """``sum over consumers of ||X W^T - (X/s) Q(W diag(s))^T||^2`` from ``gram = X^T X``."""
     total = 0.0
     for w, scheme in zip(weights, schemes):
         d = qdq(w * s, scheme) / s - w
-        total += float(((d.to(gram.dtype) @ gram).float() * d).sum())
+        total += float(((d @ gram) * d).sum())
     return total
 
 
@@ -147,19 +144,15 @@ def candidate_scales(gram: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def search_site(weights, schemes, gram: torch.Tensor, bf16: bool = False) -> tuple[torch.Tensor, float, float, float]:
-    """(scale ``[in]``, its alpha, its error, the error unscaled) for the linears ``weights`` reading one input.
-    ``bf16``: the errors' products ``D H`` from bf16 copies (about twice as fast on a CPU with native bf16). Their
-    rounding (0.4 % of an entry, averaging out over the sum) can only swap candidates whose errors are that close,
-    i.e. choices that are equally good."""
+def search_site(weights, schemes, gram: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+    """(scale ``[in]``, its alpha, its error, the error unscaled) for the linears ``weights`` reading one input."""
     weights = [w.detach().float() for w in weights]
-    product_gram = gram.to(torch.bfloat16) if bf16 else gram
     ones = torch.ones(gram.shape[0])
-    unscaled = output_error(weights, schemes, product_gram, ones)
+    unscaled = output_error(weights, schemes, gram, ones)
     best = (ones, 0.0, unscaled)
     for alpha in ALPHAS:
         s = candidate_scales(gram, alpha)
-        err = output_error(weights, schemes, product_gram, s)
+        err = output_error(weights, schemes, gram, s)
         if err < best[2]:
             best = (s, alpha, err)
     return (*best, unscaled)
@@ -184,15 +177,15 @@ def fold_scale(block: nn.Module, site: ScaleSite, s: torch.Tensor, release: bool
 
 
 def scale_block(block: nn.Module, layers: dict, sites: list[ScaleSite], grams: dict[str, torch.Tensor],
-                act_sums: dict[str, torch.Tensor] | None = None, bf16: bool = False) -> dict[str, float]:
+                act_sums: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """Search and fold each site's scale; returns site source -> alpha chosen (0: left alone). ``act_sums``
     (per-channel ``sum x^2`` of the consumers, for the optimised-RTN search that follows) are divided by ``s^2``
-    to match the scaled inputs. ``bf16``: see ``search_site``."""
+    to match the scaled inputs."""
     choices = {}
     for site in sites:
         gram = grams[site.consumers[0]]
         weights = [block.get_submodule(n).weight for n in site.consumers]
-        s, alpha, _, _ = search_site(weights, [layers[n] for n in site.consumers], gram, bf16)
+        s, alpha, _, _ = search_site(weights, [layers[n] for n in site.consumers], gram)
         choices[site.source] = alpha
         if alpha == 0:
             continue

@@ -66,7 +66,7 @@ def _log_precision(options: TuningOptions) -> None:
     if sr.amp:
         precision = "forward under bf16 autocast"
     else:
-        precision = f"float targets and losses in float32; tuned linears: {sr.bf16.describe()}"
+        precision = f"losses and propagated outputs in float32; tuned linears: {sr.bf16.describe()}"
     native = "this CPU multiplies bf16 natively" if native_bf16() else "no native bf16 on this CPU"
     logger.info("SignRound: %s block loss; %s (%s; bf16_forward / bf16_backward choose)", sr.loss, precision, native)
 
@@ -135,25 +135,25 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
                    stats: BlockStats, packing_format):
     """Tune and pack one block; returns the next block's (float inputs, quantized inputs)."""
     compute, store = torch.float32, options.cache_dtype or fp_hidden.dtype
-    batch, bf16 = options.signround.batch_size, options.signround.bf16
+    batch = options.signround.batch_size
     if options.gguf is not None:
         layers = _grid_targets(block, prefix, layers, options.gguf)
     want_stats = bool(layers) and options.wants_opt_rtn
     sites = _scale_sites(block, layers, options, index, inputs, fp_hidden)
     with contextlib.ExitStack() as stack:  # statistics of the linears' inputs, gathered on the float pass
         act = stack.enter_context(ActivationStats(block, layers)) if want_stats else None
-        grams = stack.enter_context(InputGram(block, sites, bf16.forward))
+        grams = stack.enter_context(InputGram(block, sites))
         targets = run_block(block, inputs, fp_hidden, batch, compute, store)
     if not layers:
         q_out = run_block(block, inputs, q_hidden, batch, compute, store) if q_hidden is not fp_hidden else targets
         return targets, q_out
-    stats.scaling = scale_block(block, layers, sites, grams.grams, act.sums if act else None, bf16.forward)
+    stats.scaling = scale_block(block, layers, sites, grams.grams, act.sums if act else None)
     init = {n: search_scales(block.get_submodule(n).weight, s, act.sums[n]) for n, s in layers.items()} \
         if want_stats else None
     tuned_on = q_hidden if options.enable_quanted_input else fp_hidden
     result = tune_block(block, layers, inputs, tuned_on, targets, options.block_settings(index), init)
     stats.first_loss, stats.best_loss, stats.best_iter = result.first_loss, result.best_loss, result.best_iter
-    with wrapped(block, layers, result.params, bf16):  # the outputs handed on: the products of the tuning
+    with wrapped(block, layers, result.params):
         with FirstInputs(block, layers) as seen:
             q_out = run_block(block, inputs, tuned_on, batch, compute, store)
         stats.layer_losses = layer_losses(block, seen.inputs, layers)

@@ -8,7 +8,7 @@ Each step draws one batch, computes the (padding-masked) loss between the block 
 targets (by default each token's squared error relative to its target's power, ``block_loss``), and moves
 every parameter by ``-lr * sign(grad)`` with ``lr`` decaying linearly to 0. The parameters of the step with the
 lowest loss are the ones kept. ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16
-(``bf16_matmul``); the float targets are computed outside the loop, in float32.
+(``bf16_matmul``); the float targets and the block outputs handed on are computed outside the loop, in float32.
 """
 from __future__ import annotations
 
