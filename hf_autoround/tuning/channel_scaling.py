@@ -114,7 +114,11 @@ def _site_tensors(block: nn.Module, site: ScaleSite) -> list[torch.Tensor]:
 
 
 class InputGram(InputHooks):
-    """``X^T X`` (float32) of the inputs of each site's first consumer, over every token seen."""
+    """``X^T X`` (float32) of the inputs of each site's first consumer, over every token seen. Float32 on purpose:
+    with bf16 products here and in ``output_error`` (and for the outputs the driver hands on), the 4-block gap was
+    worse at every seed (``benchmarks/results/tuning_w4g128_blocks4_3seeds_bf16stats.txt``). A likely cause: the
+    errors compared are quadratic forms on this ill-conditioned matrix, and bf16's rounding of its entries can
+    exceed the differences between candidates."""
 
     def __init__(self, block: nn.Module, sites: list[ScaleSite]):
         super().__init__(block, [s.consumers[0] for s in sites])
