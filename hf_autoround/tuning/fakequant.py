@@ -75,10 +75,11 @@ def fake_quant_values(wg, low, high, v, mn, mx, bits: int, sym: bool):
         q_minus_z = r.clamp(-half, maxq - half)
         inside = q_minus_z == r
     else:
-        rz = r.add_(zero.unsqueeze(-1))
+        z = zero.unsqueeze(-1)
+        rz = r.add_(z)
         q = rz.clamp(0, maxq)
         inside = q == rz
-        q_minus_z = q.sub_(zero.unsqueeze(-1))
+        q_minus_z = q.sub_(z)
     return q_minus_z * s, (scale, zero, inside, q_minus_z, *aux)
 
 
