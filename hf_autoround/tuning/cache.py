@@ -46,6 +46,12 @@ class BlockInputs:
             kwargs[key] = _index(value, indices)
         return kwargs
 
+    def select(self, indices: torch.Tensor) -> "BlockInputs":
+        """The inputs of the samples ``indices`` only (shared arguments are kept as they are)."""
+        mask = None if self.token_mask is None else self.token_mask.index_select(0, indices)
+        per_sample = {key: _index(value, indices) for key, value in self.per_sample.items()}
+        return BlockInputs(self.hidden.index_select(0, indices), self.shared, per_sample, self.extra_args, mask)
+
 
 def _index(value, indices):
     if isinstance(value, torch.Tensor):
@@ -78,8 +84,26 @@ def _split_kwargs(records: list[dict]) -> tuple[dict, dict]:
         if all(_same(first, v) for v in values[1:]):
             shared[key] = first
         else:
-            per_sample[key] = _stack(values)
+            per_sample[key] = _stack(_causal_where_missing(values) if key == "attention_mask" else values)
     return shared, per_sample
+
+
+def _causal_where_missing(masks: list) -> list:
+    """transformers hands a block no attention mask (None: plain causal attention) for a sample without padding,
+    and a materialised 4-D mask for a padded one. To batch a mix, each missing mask becomes the causal mask in the
+    form of the materialised ones: bool (True = attend) or additive float (0, or the dtype's minimum)."""
+    present = next((m for m in masks if isinstance(m, torch.Tensor)), None)
+    if present is None or present.dim() != 4:
+        return masks
+    q, k = present.shape[-2:]
+    allowed = torch.ones(q, k, dtype=torch.bool, device=present.device).tril(k - q)
+    if present.dtype == torch.bool:
+        causal = allowed
+    else:
+        causal = torch.zeros(q, k, dtype=present.dtype, device=present.device)
+        causal.masked_fill_(~allowed, torch.finfo(present.dtype).min)
+    causal = causal.expand(present.shape).contiguous()
+    return [causal if m is None else m for m in masks]
 
 
 def _detach(value):
