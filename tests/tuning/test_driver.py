@@ -100,11 +100,13 @@ def test_optimised_rtn_is_used_for_iters_zero_with_data():
     assert not same_packing(packed(plain), packed(opt))
 
 
-def test_padding_mask_reaches_the_loss():
+@pytest.mark.parametrize("padded", [(0, 1, 2, 3), (1, 3)])  # every sample padded, or a mix
+def test_padding_mask_reaches_the_loss(padded):
     ids = calib(4)
     mask = torch.ones(24, dtype=torch.long)
     mask[-8:] = 0
-    data = [{"input_ids": i, "attention_mask": mask} for i in ids]
+    data = [{"input_ids": x, "attention_mask": mask if i in padded else torch.ones_like(mask)}
+            for i, x in enumerate(ids)]
     report = TuningReport()
     model = build_tiny_model("llama")
     quantize_model(model, config(nsamples=4), dataset=data, progress=False, report=report)
