@@ -110,7 +110,6 @@ def main() -> None:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "heldout_loss.json"))
     args = p.parse_args()
-    torch.set_grad_enabled(True)
     runs = []
     for iters in [int(i) for i in args.iters.split(",")]:
         for seed in [int(s) for s in args.seeds.split(",")]:
