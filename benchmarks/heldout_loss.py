@@ -47,14 +47,13 @@ def tune_on_first_half(tune_block, log: list):
     def wrapper(block, layers, inputs, hidden, targets, settings, init=None):
         half = inputs.nsamples // 2
         train, held = torch.arange(half), torch.arange(half, 2 * half)
-        start = {n: p.clone() for n, p in init.items()} if init else None
+        start = {n: p.clone() for n, p in init.items()}  # the optimised-RTN start (on by default)
         result = tune_block(block, layers, inputs.select(train), hidden[:half], targets[:half], settings, init)
         row = {"best_iter": result.best_iter}
         for label, params in (("start", start), ("kept", result.params)):
             for part, indices in (("train", train), ("heldout", held)):
-                if params is not None:
-                    row[f"{label}_{part}"] = scored(block, layers, params, inputs, hidden, targets, indices,
-                                                    settings.batch_size)
+                row[f"{label}_{part}"] = scored(block, layers, params, inputs, hidden, targets, indices,
+                                                settings.batch_size)
         log.append(row)
         return result
     return wrapper
