@@ -84,8 +84,8 @@ def run_job(args, config) -> EvalTable:
 
 
 def _tuning_kwargs(args) -> dict:
-    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks / --loss / --disable_channel_scaling as tuning
-    keyword arguments."""
+    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks / --loss / --momentum / --disable_channel_scaling
+    as tuning keyword arguments."""
     from .autoround import default_resume_dir
 
     out = {"low_cpu_mem_usage": True} if args.low_cpu_mem_usage else {}
@@ -95,6 +95,8 @@ def _tuning_kwargs(args) -> dict:
         out["nblocks"] = args.nblocks
     if args.loss is not None:
         out["loss"] = args.loss
+    if args.momentum is not None:
+        out["momentum"] = args.momentum
     if args.resume:
         out.update(resume=True, resume_dir=args.resume_dir or default_resume_dir(args.output_dir))
     return out

@@ -80,6 +80,7 @@ class TuningOptions:
             bf16=MatmulPrecision(forward=_auto_bf16("bf16_forward", kwargs.pop("bf16_forward", "auto")),
                                  backward=_auto_bf16("bf16_backward", kwargs.pop("bf16_backward", "auto"))),
             loss=kwargs.pop("loss", SignRoundSettings.loss),
+            momentum=kwargs.pop("momentum", SignRoundSettings.momentum),
         )
         options = cls(
             signround=signround, nsamples=config.nsamples, seqlen=config.seqlen,

@@ -6,12 +6,15 @@ import torch
 from conftest import build_tiny_model
 from tuning_helpers import one_thread  # noqa: F401  (autouse)
 
+from hf_autoround.config import AutoRoundConfig
 from hf_autoround.scheme import QuantScheme
 from hf_autoround.tuning.cache import capture_block_inputs, forward_block, run_block
 from hf_autoround.tuning.data import CalibrationData
 from hf_autoround.tuning.bf16_matmul import MatmulPrecision
 from hf_autoround.tuning.block_loss import block_loss
-from hf_autoround.tuning.signround import BatchSampler, LayerParams, SignRoundSettings, _step, tune_block, wrapped
+from hf_autoround.tuning.options import TuningOptions
+from hf_autoround.tuning.signround import (BatchSampler, LayerParams, RoundingMomentum, SignRoundSettings, _step,
+                                           tune_block, wrapped)
 
 SCHEME = QuantScheme(2, 32, False)  # 2-bit: large rounding errors, so tuning has something to win
 # float32; bf16 backward products; bf16 forward and backward products (q/k forward float32)
@@ -95,10 +98,40 @@ def test_signed_step_with_linear_decay():
     p.v.grad = torch.tensor([[[1.0, -2.0, 0.0, 3e-9]], [[-1e-9, 5.0, -5.0, 0.0]]])
     p.min_scale.grad = torch.tensor([[1.0], [-1.0]])
     p.max_scale.grad = torch.tensor([[-1.0], [1.0]])
-    _step([p], lr=0.1, scale_lr=0.2, tune_scales=True)
+    _step([p], lr=0.1, scale_lr=0.2, tune_scales=True, momentum=RoundingMomentum(0.0))
     assert torch.allclose(p.v, torch.tensor([[[-0.1, 0.1, 0.0, -0.1]], [[0.1, -0.1, 0.1, 0.0]]]))
     assert torch.allclose(p.min_scale, torch.tensor([[0.8], [1.0]]))  # 1.2 clamped to 1
     assert p.v.grad is None
+
+
+def test_rounding_momentum_steps_along_the_sign_of_the_running_average():
+    p = LayerParams(torch.zeros(1, 1, 3), torch.ones(1, 1), torch.ones(1, 1))
+    momentum = RoundingMomentum(0.5)
+    for grad in ([1.0, 1.0, -1.0], [-3.0, -0.5, 2.0]):
+        p.v.grad = torch.tensor([[grad]])
+        p.min_scale.grad, p.max_scale.grad = torch.tensor([[1.0]]), torch.tensor([[-1.0]])
+        _step([p], lr=0.1, scale_lr=0.1, tune_scales=True, momentum=momentum)
+    # first step: sign(g1) = (+, +, -); second: m = 0.5 g1 + 0.5 g2 = (-1, 0.25, 0.5), not sign(g2) = (-, -, +)
+    assert torch.allclose(p.v, torch.tensor([[[-0.1 + 0.1, -0.1 - 0.1, 0.1 - 0.1]]]))
+    assert torch.allclose(momentum.buffers[0], torch.tensor([[[-1.0, 0.25, 0.5]]]))
+    assert torch.allclose(p.min_scale, torch.tensor([[0.8]]))  # the scales follow their own gradient's sign
+    plain = RoundingMomentum(0.0)
+    grads = [torch.tensor([2.0, -1.0])]
+    assert plain.directions(grads) is grads and plain.buffers is None
+
+
+@pytest.mark.parametrize("beta", [-0.1, 1.0, "0.5", True])
+def test_momentum_outside_zero_to_one_is_refused(beta):
+    with pytest.raises(ValueError, match="momentum=.*expected a number in \\[0, 1\\)"):
+        SignRoundSettings(momentum=beta)
+
+
+def test_momentum_changes_the_path_and_zero_is_the_plain_signed_step():
+    block, inputs, targets, layers = block_setup(n=8)
+    runs = {beta: tune_block(block, layers, inputs, inputs.hidden, targets,
+                             SignRoundSettings(iters=6, batch_size=4, momentum=beta)) for beta in (0.0, 0.5)}
+    assert runs[0.0].losses[:2] == runs[0.5].losses[:2]  # the first step is sign(grad) either way
+    assert runs[0.0].losses[2:] != runs[0.5].losses[2:]
 
 
 def test_batch_sampler_covers_every_sample_per_epoch():
@@ -117,3 +150,11 @@ def test_gradient_accumulation_matches_one_big_batch_direction():
     acc = tune_block(block, layers, inputs, inputs.hidden, targets,
                      SignRoundSettings(iters=4, batch_size=4, gradient_accumulate_steps=2))
     assert abs(one.losses[0] - acc.losses[0]) <= 1e-5 * one.losses[0]
+
+
+def test_the_momentum_option_reaches_the_settings():
+    config = AutoRoundConfig(bits=4, group_size=32, iters=2)
+    assert TuningOptions.from_config(config).signround.momentum == 0.5
+    assert TuningOptions.from_config(config, momentum=0.0).signround.momentum == 0.0
+    with pytest.raises(ValueError, match="momentum=2"):
+        TuningOptions.from_config(config, momentum=2)
