@@ -81,6 +81,9 @@ class AutoRound:
     ``init_opt_rtn`` (default True) starts the min/max range factors from the optimised-RTN search.
     ``channel_scaling`` (default True) first folds activation-aware per-channel scales into each block's norms
     (and into ``up_proj`` / ``v_proj`` rows), searched per block on the calibration inputs (``tuning.channel_scaling``).
+    ``loss`` ("relative", the default, or the reference's "mse") is the block loss (``tuning.block_loss``);
+    ``momentum`` (default 0.5; 0 = the reference's sign of each batch's gradient) steadies the rounding's signed
+    steps (``tuning.signround.RoundingMomentum``).
 
     ``resume=True``: checkpoint every finished block to ``resume_dir`` (``quantize_and_save`` defaults it to
     ``<output_dir>.resume``) and, when it already holds a killed run with the same settings, model and data,

@@ -8,8 +8,9 @@ Each step draws one batch, computes the (padding-masked) loss between the block 
 targets (by default each token's squared error relative to its target's power, ``block_loss``), and moves
 every parameter by ``-lr * sign(d)`` with ``lr`` decaying linearly to 0. For the scales ``d`` is the gradient; for
 ``V`` it is, by default, a short running average of the gradients (``SignRoundSettings.momentum``, see
-``RoundingMomentum``). The parameters of the step with the lowest loss are the ones kept. ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16
-(``bf16_matmul``); the float targets and the block outputs handed on are computed outside the loop, in float32.
+``RoundingMomentum``; GGUF-grid tuning included). The parameters of the step with the lowest loss are the ones
+kept. ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16 (``bf16_matmul``); the
+float targets and the block outputs handed on are computed outside the loop, in float32.
 """
 from __future__ import annotations
 
