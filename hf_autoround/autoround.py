@@ -82,8 +82,8 @@ class AutoRound:
     ``channel_scaling`` (default True) first folds activation-aware per-channel scales into each block's norms
     (and into ``up_proj`` / ``v_proj`` rows), searched per block on the calibration inputs (``tuning.channel_scaling``).
     ``loss`` ("relative", the default, or the reference's "mse") is the block loss (``tuning.block_loss``);
-    ``momentum`` (default 0.5; 0 = the reference's sign of each batch's gradient) steadies the rounding's signed
-    steps (``tuning.signround.RoundingMomentum``).
+    ``momentum`` (default 0, the reference's sign of each batch's gradient; 0.5 averages the rounding's gradients
+    over steps, ``tuning.signround.RoundingMomentum``) chooses the direction of the rounding's signed steps.
 
     ``resume=True``: checkpoint every finished block to ``resume_dir`` (``quantize_and_save`` defaults it to
     ``<output_dir>.resume``) and, when it already holds a killed run with the same settings, model and data,

@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the block loss: 'relative' divides each token's squared error by its float target's mean "
                         "square, 'mse' is the reference's plain MSE (default: %s)" % SignRoundSettings.loss)
     p.add_argument("--momentum", type=float, default=None,
-                   help="beta of the rounding's sign-of-momentum step; 0 = the reference's sign of each batch's "
-                        "gradient (default: %s)" % SignRoundSettings.momentum)
+                   help="beta of the rounding's sign-of-momentum step, e.g. 0.5; 0 = the reference's sign of each "
+                        "batch's gradient (default: %s)" % SignRoundSettings.momentum)
     p.add_argument("--disable_channel_scaling", action="store_true",
                    help="do not fold activation-aware channel scales into the norms before tuning (on by default: "
                         "loud input channels get more of each group's grid)")

@@ -142,7 +142,7 @@ def test_loss_flag_reaches_the_tuning_arguments():
 def test_momentum_flag_reaches_the_tuning_arguments():
     from hf_autoround.job import _tuning_kwargs
 
-    assert _tuning_kwargs(parse_args(["--momentum", "0"])[0]) == {"momentum": 0.0}
+    assert _tuning_kwargs(parse_args(["--momentum", "0.5"])[0]) == {"momentum": 0.5}
     assert "momentum" not in _tuning_kwargs(parse_args([])[0])  # the settings' default applies
 
 

@@ -7,8 +7,8 @@ is a GGUF grid, ``GridWeight``, is swapped for a ``GridQdqLinear``: its grid's s
 Each step draws one batch, computes the (padding-masked) loss between the block on its quantized inputs and the float
 targets (by default each token's squared error relative to its target's power, ``block_loss``), and moves
 every parameter by ``-lr * sign(d)`` with ``lr`` decaying linearly to 0. For the scales ``d`` is the gradient; for
-``V`` it is, by default, a short running average of the gradients (``SignRoundSettings.momentum``, see
-``RoundingMomentum``; GGUF-grid tuning included). The parameters of the step with the lowest loss are the ones
+``V`` it is the gradient too, or with ``momentum > 0`` a short running average of the gradients
+(``SignRoundSettings.momentum``, see ``RoundingMomentum``; GGUF-grid tuning included). The parameters of the step with the lowest loss are the ones
 kept. ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16 (``bf16_matmul``); the
 float targets and the block outputs handed on are computed outside the loop, in float32.
 """
@@ -74,7 +74,7 @@ class SignRoundSettings:
     amp: bool = False  # bf16 autocast for the block forward (fp32 master parameters)
     bf16: MatmulPrecision = MatmulPrecision()  # which products of the tuned linears run in bf16 (bf16_matmul)
     loss: str = "relative"  # per-token relative MSE, or "mse", the reference's plain MSE (block_loss)
-    momentum: float = 0.5  # beta of V's sign-of-momentum step (RoundingMomentum); 0: the reference's sign(grad)
+    momentum: float = 0.0  # beta of V's sign-of-momentum step (RoundingMomentum); 0: the reference's sign(grad)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -170,11 +170,11 @@ class RoundingMomentum:
     moves by ``-lr sign(m)``: signed SGD with momentum ("signum"). With ``beta = 0`` it is the plain gradient.
 
     Why: a step sees 8 of the calibration samples, so the sign of one batch's gradient flips from step to step
-    on many weights, and at 50 steps V has no room to average that out. With ``beta = 0.5`` the whole-model
-    perplexity gap of SmolLM2-135M W4G128 at iters 50 fell by 6.5 % over three seeds, and the spread between seeds
-    shrank (README, *Measured*; on 4 blocks alone it was 0.02-0.10 worse per seed); ``beta = 0.9`` reacts too
-    slowly for 50 linearly decaying steps and was far worse.
-    The range scales keep the plain gradient's sign."""
+    on many weights, and at 50 steps V has no room to average that out. Off by default: with ``beta = 0.5`` the
+    whole-model perplexity gap of SmolLM2-135M W4G128 at iters 50 fell by 6.5 % over three seeds, but on 4 blocks
+    it was 0.02-0.10 worse per seed, and on the whole model at iters 200 (the default recipe) it was 14 % worse at
+    the one seed measured (README, *Measured*). ``beta = 0.9`` reacts too slowly for 50 linearly decaying steps
+    and was far worse. The range scales keep the plain gradient's sign."""
 
     def __init__(self, beta: float):
         self.beta, self.buffers = beta, None

@@ -154,7 +154,7 @@ def test_gradient_accumulation_matches_one_big_batch_direction():
 
 def test_the_momentum_option_reaches_the_settings():
     config = AutoRoundConfig(bits=4, group_size=32, iters=2)
-    assert TuningOptions.from_config(config).signround.momentum == 0.5
-    assert TuningOptions.from_config(config, momentum=0.0).signround.momentum == 0.0
+    assert TuningOptions.from_config(config).signround.momentum == 0.0  # the reference's plain signed step
+    assert TuningOptions.from_config(config, momentum=0.5).signround.momentum == 0.5
     with pytest.raises(ValueError, match="momentum=2"):
         TuningOptions.from_config(config, momentum=2)
