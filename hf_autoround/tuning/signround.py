@@ -6,11 +6,11 @@ Every planned linear of the block is swapped for a ``QdqLinear`` that computes i
 is a GGUF grid, ``GridWeight``, is swapped for a ``GridQdqLinear``: its grid's scales are fixed, only ``V`` moves.)
 Each step draws one batch, computes the (padding-masked) loss between the block on its quantized inputs and the float
 targets (by default each token's squared error relative to its target's power, ``block_loss``), and moves
-every parameter by ``-lr * sign(d)`` with ``lr`` decaying linearly to 0. For the scales ``d`` is the gradient; for
-``V`` it is the gradient too, or with ``momentum > 0`` a short running average of the gradients
-(``SignRoundSettings.momentum``, see ``RoundingMomentum``; GGUF-grid tuning included). The parameters of the step with the lowest loss are the ones
-kept. ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16 (``bf16_matmul``); the
-float targets and the block outputs handed on are computed outside the loop, in float32.
+every parameter by ``-lr * sign(d)`` with ``lr`` decaying linearly to 0. ``d`` is the gradient, except that with
+``SignRoundSettings.momentum > 0`` it is, for ``V``, a short running average of the gradients (``RoundingMomentum``;
+GGUF-grid tuning included). The parameters of the step with the lowest loss are the ones kept.
+``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16 (``bf16_matmul``); the float
+targets and the block outputs handed on are computed outside the loop, in float32.
 """
 from __future__ import annotations
 
