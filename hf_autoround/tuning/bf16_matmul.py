@@ -1,8 +1,11 @@
-"""bfloat16 products for the tuned linears of SignRound, on CPUs that multiply bf16 natively.
+"""bfloat16 products for the tuned linears of SignRound, on CPUs where they are faster than float32 ones.
 
 SignRound moves each parameter by ``-lr * sign(grad)``, so the gradient only has to point the right way, and the
-quantisation error it works against (a few per cent of a weight) is far above bf16's rounding (0.4 %). On a CPU
-with AVX512-BF16 or AMX, a bf16 product (float32 accumulation, oneDNN) runs about 2.3x faster than a float32 one.
+quantisation error it works against (a few per cent of a weight) is far above bf16's rounding (0.4 %). A CPU
+flag is not enough to say whether that is faster: on a Zen 4 (AVX512-BF16) a bf16 product (float32 accumulation,
+oneDNN) ran about 2.3x faster than a float32 one, on a virtualised Intel Xeon with AVX512-BF16 but no AMX 0.6x as
+fast. So ``bf16_speed`` times one product of each kind, once per process, and "auto" uses bf16 only where it
+measured at least ``MIN_SPEEDUP`` times faster.
 Two linears, picked per layer (``MatmulPrecision.matmul``):
 
 - ``bf16_backward_linear``: exact forward; the backward products ``dX = dY W`` and ``dW = dY^T X`` from bf16 copies;
@@ -19,6 +22,9 @@ seeds of three, while this split gave a better one at all three.
 """
 from __future__ import annotations
 
+import functools
+import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +37,55 @@ SCORE_LINEARS = ("q_proj", "k_proj", "qkv_proj", "query_key_value", "c_attn", "W
 
 
 def native_bf16() -> bool:
-    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), i.e. where bf16 matmuls are faster."""
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX); whether that is faster is timed."""
     checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
     return any(bool(check()) for check in checks if check is not None)
+
+
+MIN_SPEEDUP = 1.2  # a bf16 product must run this many times faster than float32 for "auto" to choose it
+PROBE_SHAPE = (1024, 1024, 1024)  # (rows, inputs, outputs) of the timed products
+
+
+@dataclass(frozen=True)
+class Bf16Speed:
+    """Whether bf16 products pay off on this CPU: ``ratio`` is float32 time / bf16 time (None: not timed, because
+    the CPU has no native bf16 and an emulated product is always slower)."""
+
+    native: bool
+    ratio: float | None = None
+
+    @property
+    def faster(self) -> bool:
+        return self.ratio is not None and self.ratio >= MIN_SPEEDUP
+
+    def describe(self) -> str:
+        if self.ratio is None:
+            return "no native bf16 on this CPU"
+        verdict = "faster" if self.faster else f"under the {MIN_SPEEDUP}x that 'auto' asks for"
+        return f"a bf16 product ran {self.ratio:.2f}x as fast as a float32 one on this CPU ({verdict})"
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_speed() -> Bf16Speed:
+    """Times one ``PROBE_SHAPE`` product in float32 and in bf16 (best of a few runs each; about 0.1-0.3 s), once
+    per process."""
+    if not native_bf16():
+        return Bf16Speed(native=False)
+    return Bf16Speed(native=True, ratio=_product_seconds(torch.float32) / _product_seconds(torch.bfloat16))
+
+
+def _product_seconds(dtype: torch.dtype, warmup: int = 2, runs: int = 5) -> float:
+    rows, inputs, outputs = PROBE_SHAPE
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inputs, generator=gen).to(dtype)
+    w = torch.randn(outputs, inputs, generator=gen).to(dtype)
+    best = math.inf
+    for i in range(warmup + runs):
+        start = time.perf_counter()
+        F.linear(x, w)
+        if i >= warmup:
+            best = min(best, time.perf_counter() - start)
+    return best
 
 
 def scores_attention(name: str) -> bool:

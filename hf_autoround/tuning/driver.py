@@ -12,7 +12,7 @@ import torch.nn as nn
 from ..qdq import quantize_weight
 from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
-from .bf16_matmul import native_bf16
+from .bf16_matmul import bf16_speed
 from .block_group import BlockGroup, group_indices
 from .block_loss import block_loss
 from .cache import BlockInputs, capture_block_inputs, forward_block, run_block
@@ -67,8 +67,8 @@ def _log_precision(options: TuningOptions) -> None:
         precision = "forward under bf16 autocast"
     else:
         precision = f"losses and propagated outputs in float32; tuned linears: {sr.bf16.describe()}"
-    native = "this CPU multiplies bf16 natively" if native_bf16() else "no native bf16 on this CPU"
-    logger.info("SignRound: %s block loss; %s (%s; bf16_forward / bf16_backward choose)", sr.loss, precision, native)
+    logger.info("SignRound: %s block loss; %s (%s; bf16_forward / bf16_backward choose)", sr.loss, precision,
+                bf16_speed().describe())
 
 
 def _tune_container(model, name, container, plan, data, options: TuningOptions, report, bar,

@@ -1,5 +1,5 @@
 """The bf16 linears: exact or bf16-close forward, backward products close to float32 with the same signs; which
-linear each tuned layer gets; the options."""
+linear each tuned layer gets; the options; "auto" follows the timed speed, not the CPU flag."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_autoround import AutoRoundConfig
-from hf_autoround.tuning.bf16_matmul import (MatmulPrecision, bf16_backward_linear, bf16_linear, native_bf16,
+from hf_autoround.tuning import bf16_matmul as bm
+from hf_autoround.tuning.bf16_matmul import (MatmulPrecision, bf16_backward_linear, bf16_linear, bf16_speed,
                                               scores_attention)
 from hf_autoround.tuning.options import TuningOptions
 
@@ -71,11 +72,44 @@ def test_each_layer_gets_its_linear():
 
 
 @pytest.mark.parametrize("name", ["bf16_forward", "bf16_backward"])
-def test_options_default_to_where_bf16_is_native(name):
+def test_options_default_to_where_bf16_timed_faster(name):
     config = AutoRoundConfig(bits=4, group_size=32, iters=2)
     field = name.split("_")[1]
-    assert getattr(TuningOptions.from_config(config).signround.bf16, field) == native_bf16()
+    assert getattr(TuningOptions.from_config(config).signround.bf16, field) == bf16_speed().faster
     assert getattr(TuningOptions.from_config(config, **{name: False}).signround.bf16, field) is False
     assert getattr(TuningOptions.from_config(config, **{name: True}).signround.bf16, field) is True
     with pytest.raises(ValueError, match=f"{name}='yes'"):
         TuningOptions.from_config(config, **{name: "yes"})
+
+
+@pytest.fixture
+def timed(monkeypatch):
+    """``bf16_speed`` with the product timings (seconds by dtype) and the native flag given by the test."""
+    def setup(native: bool, seconds: dict):
+        monkeypatch.setattr(bm, "native_bf16", lambda: native)
+        monkeypatch.setattr(bm, "_product_seconds", lambda dtype: seconds[dtype])
+        bm.bf16_speed.cache_clear()
+        return bm.bf16_speed()
+
+    yield setup
+    bm.bf16_speed.cache_clear()
+
+
+def test_bf16_chosen_only_where_it_times_faster(timed):
+    fast = timed(True, {torch.float32: 2.3, torch.bfloat16: 1.0})
+    assert fast.faster and fast.ratio == pytest.approx(2.3) and "2.30x" in fast.describe()
+    slow = timed(True, {torch.float32: 0.6, torch.bfloat16: 1.0})  # flag present, product slower (seen here)
+    assert not slow.faster and "0.60x" in slow.describe()
+    assert not timed(True, {torch.float32: 1.1, torch.bfloat16: 1.0}).faster  # under MIN_SPEEDUP
+    config = AutoRoundConfig(bits=4, group_size=32, iters=2)
+    assert TuningOptions.from_config(config).signround.bf16 == MatmulPrecision(False, False)
+
+
+def test_no_native_bf16_is_not_timed(timed):
+    speed = timed(False, {})  # a timing would raise KeyError
+    assert speed == bm.Bf16Speed(native=False) and not speed.faster
+    assert "no native bf16" in speed.describe()
+
+
+def test_the_probe_times_real_products():
+    assert bm._product_seconds(torch.float32, warmup=0, runs=1) > 0
