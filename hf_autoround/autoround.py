@@ -75,8 +75,8 @@ class AutoRound:
     ``enable_torch_compile`` are accepted for compatibility; this build runs on the CPU.
 
     Precision of the tuning: the float targets, the blocks' propagated outputs and the norms, attention and losses
-    are float32. ``bf16_backward`` and ``bf16_forward`` ("auto": on where a bf16 product times faster than a float32 one on
-    this CPU, ``tuning.bf16_matmul.bf16_speed``; True / False pin the choice across machines) run
+    are float32. ``bf16_backward`` and ``bf16_forward`` ("auto": on where a bf16 product times faster than a
+    float32 one on this CPU, ``tuning.bf16_matmul.bf16_speed``; True / False pin the choice across machines) run
     the tuned linears' backward and forward products in bf16 (``tuning.bf16_matmul``; the forward of the attention
     query/key projections stays float32); ``amp=True`` autocasts the whole block forward to bf16 (less accurate).
     ``init_opt_rtn`` (default True) starts the min/max range factors from the optimised-RTN search.
