@@ -1,0 +1,72 @@
+"""bf16 against float32 matrix products on this CPU: the measurement behind ``bf16_forward="auto"``.
+
+    .venv/bin/python benchmarks/bf16_products.py
+
+Times ``F.linear`` of each shape (rows x inputs x outputs: the tuned linears of SmolLM2-135M on a batch of
+8 x 256 tokens, square ones, and a 7B-sized one) in float32 and in bf16, median of ``--runs`` after two warm-ups,
+and prints the ratio float32 time / bf16 time (above 1: bf16 is faster). Also prints what ``bf16_speed()`` decided
+(its own probe, the same as SignRound's "auto"). Prints a table and writes JSON; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # this checkout, not an installed copy
+    sys.path.insert(0, ROOT)
+
+SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (256, 1024, 1024), (512, 512, 512), (1024, 1024, 1024),
+          (2048, 4096, 4096))
+
+
+def median_seconds(rows: int, inputs: int, outputs: int, dtype, runs: int) -> float:
+    import torch
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, inputs, generator=gen).to(dtype)
+    w = torch.randn(outputs, inputs, generator=gen).to(dtype)
+    times = []
+    for i in range(runs + 2):
+        start = time.perf_counter()
+        F.linear(x, w)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    import torch
+
+    from hf_autoround.tuning.bf16_matmul import bf16_speed, native_bf16
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--runs", type=int, default=9)
+    p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bf16_products.json"))
+    args = p.parse_args()
+    rows = []
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, capability "
+          f"{torch.backends.cpu.get_cpu_capability()}, native bf16 flag: {native_bf16()}")
+    print(f"{'shape (rows x in x out)':>26} {'float32 ms':>11} {'bf16 ms':>9} {'f32/bf16':>9}")
+    for shape in SHAPES:
+        f32 = median_seconds(*shape, torch.float32, args.runs)
+        bf16 = median_seconds(*shape, torch.bfloat16, args.runs)
+        rows.append({"shape": list(shape), "float32_ms": f32 * 1e3, "bf16_ms": bf16 * 1e3, "ratio": f32 / bf16})
+        print(f"{'x'.join(map(str, shape)):>26} {f32 * 1e3:11.2f} {bf16 * 1e3:9.2f} {f32 / bf16:8.2f}x")
+    speed = bf16_speed()
+    print(f"bf16_speed(): {speed.describe()}; bf16_forward/bf16_backward 'auto' -> {speed.faster}")
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"rows": rows, "auto_ratio": speed.ratio, "auto_bf16": speed.faster,
+                   "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()},
+                  f, indent=1)
+    print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
