@@ -24,26 +24,10 @@ SHAPES = ((2048, 576, 1536), (2048, 1536, 576), (256, 1024, 1024), (512, 512, 51
           (2048, 4096, 4096))
 
 
-def median_seconds(rows: int, inputs: int, outputs: int, dtype, runs: int) -> float:
-    import torch
-    import torch.nn.functional as F
-
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, inputs, generator=gen).to(dtype)
-    w = torch.randn(outputs, inputs, generator=gen).to(dtype)
-    times = []
-    for i in range(runs + 2):
-        start = time.perf_counter()
-        F.linear(x, w)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     import torch
 
-    from hf_autoround.tuning.bf16_matmul import bf16_speed, native_bf16
+    from hf_autoround.tuning.bf16_matmul import bf16_speed, native_bf16, product_seconds
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--runs", type=int, default=9)
@@ -54,15 +38,17 @@ def main() -> None:
           f"{torch.backends.cpu.get_cpu_capability()}, native bf16 flag: {native_bf16()}")
     print(f"{'shape (rows x in x out)':>26} {'float32 ms':>11} {'bf16 ms':>9} {'f32/bf16':>9}")
     for shape in SHAPES:
-        f32 = median_seconds(*shape, torch.float32, args.runs)
-        bf16 = median_seconds(*shape, torch.bfloat16, args.runs)
+        f32 = product_seconds(torch.float32, shape, runs=args.runs, summary=statistics.median)
+        bf16 = product_seconds(torch.bfloat16, shape, runs=args.runs, summary=statistics.median)
         rows.append({"shape": list(shape), "float32_ms": f32 * 1e3, "bf16_ms": bf16 * 1e3, "ratio": f32 / bf16})
         print(f"{'x'.join(map(str, shape)):>26} {f32 * 1e3:11.2f} {bf16 * 1e3:9.2f} {f32 / bf16:8.2f}x")
+    start = time.perf_counter()
     speed = bf16_speed()
-    print(f"bf16_speed(): {speed.describe()}; bf16_forward/bf16_backward 'auto' -> {speed.faster}")
+    probe_s = time.perf_counter() - start
+    print(f"bf16_speed() in {probe_s:.2f} s: {speed.describe()}; bf16_forward/bf16_backward 'auto' -> {speed.faster}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
-        json.dump({"rows": rows, "auto_ratio": speed.ratio, "auto_bf16": speed.faster,
+        json.dump({"rows": rows, "auto_ratio": speed.ratio, "auto_bf16": speed.faster, "probe_s": probe_s,
                    "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()},
                   f, indent=1)
     print(f"wrote {args.json}")

@@ -23,7 +23,6 @@ seeds of three, while this split gave a better one at all three.
 from __future__ import annotations
 
 import functools
-import math
 import time
 from dataclasses import dataclass
 
@@ -51,7 +50,6 @@ class Bf16Speed:
     """Whether bf16 products pay off on this CPU: ``ratio`` is float32 time / bf16 time (None: not timed, because
     the CPU has no native bf16 and an emulated product is always slower)."""
 
-    native: bool
     ratio: float | None = None
 
     @property
@@ -67,25 +65,27 @@ class Bf16Speed:
 
 @functools.lru_cache(maxsize=None)
 def bf16_speed() -> Bf16Speed:
-    """Times one ``PROBE_SHAPE`` product in float32 and in bf16 (best of a few runs each; about 0.1-0.3 s), once
-    per process."""
+    """Times one ``PROBE_SHAPE`` product in float32 and in bf16 (the best of a few runs each), once per process."""
     if not native_bf16():
-        return Bf16Speed(native=False)
-    return Bf16Speed(native=True, ratio=_product_seconds(torch.float32) / _product_seconds(torch.bfloat16))
+        return Bf16Speed()
+    return Bf16Speed(ratio=product_seconds(torch.float32) / product_seconds(torch.bfloat16))
 
 
-def _product_seconds(dtype: torch.dtype, warmup: int = 2, runs: int = 5) -> float:
-    rows, inputs, outputs = PROBE_SHAPE
+def product_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, warmup: int = 2, runs: int = 5,
+                    summary=min) -> float:
+    """``summary`` (min, or e.g. ``statistics.median``) of ``runs`` timings of ``F.linear`` on random operands of
+    ``shape`` (rows, inputs, outputs) in ``dtype``, after ``warmup`` untimed calls."""
+    rows, inputs, outputs = shape
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(rows, inputs, generator=gen).to(dtype)
     w = torch.randn(outputs, inputs, generator=gen).to(dtype)
-    best = math.inf
+    times = []
     for i in range(warmup + runs):
         start = time.perf_counter()
         F.linear(x, w)
         if i >= warmup:
-            best = min(best, time.perf_counter() - start)
-    return best
+            times.append(time.perf_counter() - start)
+    return summary(times)
 
 
 def scores_attention(name: str) -> bool:

@@ -2,6 +2,8 @@
 linear each tuned layer gets; the options; "auto" follows the timed speed, not the CPU flag."""
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -87,7 +89,7 @@ def timed(monkeypatch):
     """``bf16_speed`` with the product timings (seconds by dtype) and the native flag given by the test."""
     def setup(native: bool, seconds: dict):
         monkeypatch.setattr(bm, "native_bf16", lambda: native)
-        monkeypatch.setattr(bm, "_product_seconds", lambda dtype: seconds[dtype])
+        monkeypatch.setattr(bm, "product_seconds", lambda dtype: seconds[dtype])
         bm.bf16_speed.cache_clear()
         return bm.bf16_speed()
 
@@ -107,9 +109,16 @@ def test_bf16_chosen_only_where_it_times_faster(timed):
 
 def test_no_native_bf16_is_not_timed(timed):
     speed = timed(False, {})  # a timing would raise KeyError
-    assert speed == bm.Bf16Speed(native=False) and not speed.faster
+    assert speed == bm.Bf16Speed() and not speed.faster
     assert "no native bf16" in speed.describe()
 
 
-def test_the_probe_times_real_products():
-    assert bm._product_seconds(torch.float32, warmup=0, runs=1) > 0
+def test_the_probe_summarises_its_runs(monkeypatch):
+    def clock():  # perf_counter readings around three calls that take 1 s, 3 s and 2 s
+        ticks = iter([0.0, 1.0, 1.0, 4.0, 4.0, 6.0])
+        return types.SimpleNamespace(perf_counter=lambda: next(ticks))
+
+    monkeypatch.setattr(bm, "time", clock())
+    assert bm.product_seconds(torch.float32, (4, 8, 4), warmup=0, runs=3) == 1.0
+    monkeypatch.setattr(bm, "time", clock())
+    assert bm.product_seconds(torch.float32, (4, 8, 4), warmup=0, runs=3, summary=max) == 3.0
