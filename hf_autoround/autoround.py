@@ -71,8 +71,9 @@ class AutoRound:
 
     ``model``: an ``nn.Module`` or a name/path for :func:`hf_autoround.models.load_model` (then ``tokenizer``
     may be omitted). ``recipe``: "default", "best", "light" or "rtn" (explicit arguments win). ``dataset``: see
-    :mod:`hf_autoround.tuning.data` (None = the bundled English set). ``device``, ``low_gpu_mem_usage`` and
-    ``enable_torch_compile`` are accepted for compatibility; this build runs on the CPU.
+    :mod:`hf_autoround.tuning.data` (None = the bundled English set). ``device`` and ``low_gpu_mem_usage`` are
+    accepted for compatibility; this build runs on the CPU. ``enable_torch_compile=True`` runs each tuning step's
+    block forward and loss through ``torch.compile`` (``tuning.compiled_step``).
 
     Precision of the tuning: the float targets, the blocks' propagated outputs and the norms, attention and losses
     are float32. ``bf16_backward`` and ``bf16_forward`` ("auto": on where a bf16 product times faster than a

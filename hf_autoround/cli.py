@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disable_channel_scaling", action="store_true",
                    help="do not fold activation-aware channel scales into the norms before tuning (on by default: "
                         "loud input channels get more of each group's grid)")
+    p.add_argument("--enable_torch_compile", action="store_true",
+                   help="run each tuning step's block forward and loss through torch.compile (needs a C++ "
+                        "compiler; compiles once, then about a fifth less time per step on SmolLM2-135M)")
     p.add_argument("--dataset", default=None,
                    help="calibration data: local .txt/.json/.jsonl files, combined as 'a.jsonl:num=256,b.txt' "
                         "(default: the calibration set bundled with the package)")

@@ -84,13 +84,15 @@ def run_job(args, config) -> EvalTable:
 
 
 def _tuning_kwargs(args) -> dict:
-    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks / --loss / --momentum / --disable_channel_scaling
-    as tuning keyword arguments."""
+    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks / --loss / --momentum / --disable_channel_scaling /
+    --enable_torch_compile as tuning keyword arguments."""
     from .autoround import default_resume_dir
 
     out = {"low_cpu_mem_usage": True} if args.low_cpu_mem_usage else {}
     if args.disable_channel_scaling:
         out["channel_scaling"] = False
+    if args.enable_torch_compile:
+        out["enable_torch_compile"] = True
     if args.nblocks != 1:
         out["nblocks"] = args.nblocks
     if args.loss is not None:

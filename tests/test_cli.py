@@ -151,3 +151,10 @@ def test_disable_channel_scaling_flag_reaches_the_tuning_arguments():
 
     assert _tuning_kwargs(parse_args(["--disable_channel_scaling"])[0]) == {"channel_scaling": False}
     assert "channel_scaling" not in _tuning_kwargs(parse_args([])[0])  # on by default
+
+
+def test_enable_torch_compile_flag_reaches_the_tuning_arguments():
+    from hf_autoround.job import _tuning_kwargs
+
+    assert _tuning_kwargs(parse_args(["--enable_torch_compile"])[0]) == {"enable_torch_compile": True}
+    assert "enable_torch_compile" not in _tuning_kwargs(parse_args([])[0])  # eager by default

@@ -16,7 +16,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 # accepted for compatibility with the seed's API; they change nothing on a CPU-only run (``device`` is checked; a
 # model dispatched with a ``device_map`` is recognised by its accelerate hooks, see ``offload``)
-_NO_OP_KWARGS = ("low_gpu_mem_usage", "enable_torch_compile", "device", "device_map")
+_NO_OP_KWARGS = ("low_gpu_mem_usage", "device", "device_map")
 
 
 @dataclass
@@ -81,6 +81,7 @@ class TuningOptions:
                                  backward=_auto_bf16("bf16_backward", kwargs.pop("bf16_backward", "auto"))),
             loss=kwargs.pop("loss", SignRoundSettings.loss),
             momentum=kwargs.pop("momentum", SignRoundSettings.momentum),
+            compile=_flag("enable_torch_compile", kwargs.pop("enable_torch_compile", False)),
         )
         options = cls(
             signround=signround, nsamples=config.nsamples, seqlen=config.seqlen,

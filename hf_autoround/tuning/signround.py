@@ -10,7 +10,8 @@ every parameter by ``-lr * sign(d)`` with ``lr`` decaying linearly to 0. ``d`` i
 ``SignRoundSettings.momentum > 0`` it is, for ``V``, a short running average of the gradients (``RoundingMomentum``;
 GGUF-grid tuning included). The parameters of the step with the lowest loss are the ones kept.
 ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16 (``bf16_matmul``); the float
-targets and the block outputs handed on are computed outside the loop, in float32.
+targets and the block outputs handed on are computed outside the loop, in float32. ``SignRoundSettings.compile``
+computes each step's block forward and loss through ``torch.compile`` (``compiled_step``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from ..export.gguf.grid import GridWeight
 from ..scheme import QuantScheme
 from .bf16_matmul import MatmulPrecision
 from .block_loss import LOSSES, block_loss
-from .cache import BlockInputs, forward_block
+from .cache import BlockInputs
+from .compiled_step import step_loss
 from .fakequant import GroupedWeight, fake_quant
 
 V_LIMIT = 0.5
@@ -75,6 +77,7 @@ class SignRoundSettings:
     bf16: MatmulPrecision = MatmulPrecision()  # which products of the tuned linears run in bf16 (bf16_matmul)
     loss: str = "relative"  # per-token relative MSE, or "mse", the reference's plain MSE (block_loss)
     momentum: float = 0.0  # beta of V's sign-of-momentum step (RoundingMomentum); 0: the reference's sign(grad)
+    compile: bool = False  # the step's forward and loss through torch.compile (compiled_step)
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -214,11 +217,14 @@ def _batch_loss(block, inputs: BlockInputs, q_hidden, targets, idx, settings: Si
     total = 0.0
     chunk = max(1, -(-len(idx) // settings.gradient_accumulate_steps))
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if settings.amp else contextlib.nullcontext()
+    loss_of = step_loss(settings.compile)
     for sub in idx.split(chunk):
-        with amp:
-            pred = forward_block(block, inputs, q_hidden, sub, settings.compute_dtype)
+        x = q_hidden.index_select(0, sub).to(settings.compute_dtype)
         mask = None if inputs.token_mask is None else inputs.token_mask.index_select(0, sub)
-        loss = block_loss(pred, targets.index_select(0, sub), mask, settings.loss) * (len(sub) / len(idx))
+        with amp:  # the loss itself is float32 either way (block_loss upcasts)
+            loss = loss_of(block, x, inputs.extra_args, inputs.kwargs_for(sub), targets.index_select(0, sub), mask,
+                           settings.loss)
+        loss = loss * (len(sub) / len(idx))
         loss.backward()
         total += loss.item()
     return total
