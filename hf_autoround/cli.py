@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "loud input channels get more of each group's grid)")
     p.add_argument("--enable_torch_compile", action="store_true",
                    help="run each tuning step's block forward and loss through torch.compile (needs a C++ "
-                        "compiler; compiles once, then about a fifth less time per step on SmolLM2-135M)")
+                        "compiler; compiled once per process; off by default: on a 2-core Xeon it did not measurably pay "
+                        "at SmolLM2-135M's size, benchmarks/compiled_step.py)")
     p.add_argument("--dataset", default=None,
                    help="calibration data: local .txt/.json/.jsonl files, combined as 'a.jsonl:num=256,b.txt' "
                         "(default: the calibration set bundled with the package)")

@@ -1,6 +1,6 @@
 """The block loss of one SignRound step, optionally through ``torch.compile`` (``enable_torch_compile=True``).
 
-Eagerly, a step of a SmolLM2-135M block spends about a third of its time outside the matrix products: the
+Eagerly, a step of a SmolLM2-135M block spends part of its time outside the matrix products: the
 elementwise work of the fake-quantiser, the norms, the rotary embedding, the gated MLP and the loss, each a pass
 over a few MB, forward and backward. Inductor fuses those passes. The block is an argument of the compiled
 function, so every block of a model with one block class reuses the first block's graph: the compile is paid once
