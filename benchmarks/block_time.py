@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/block_time.py                 # blocks 0-1, W4G128 sym, iters 50, nsamples 64 x 256
     .venv/bin/python benchmarks/block_time.py --blocks 4 --iters 200
+    .venv/bin/python benchmarks/block_time.py --blocks 4 --compile     # enable_torch_compile=True
 
 Each phase is timed by wrapping the driver function that does it (wall clock, around the call): the float-target
 pass and the quantised pass handed on (``run_block``; the first also gathers channel scaling's Gram matrices), the
@@ -51,6 +52,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--compile", action="store_true", help="enable_torch_compile=True (the first block pays the compile)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "block_time.json"))
     args = p.parse_args()
 
@@ -67,7 +69,8 @@ def main() -> None:
     bench = types.SimpleNamespace(float_dir=bundled_float_dir(), blocks=args.blocks)
     model, tok = load_float(bench)
     ar = AutoRound(model, tok, bits=4, group_size=128, sym=True, iters=args.iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=8, seed=42, progress=False, layer_config=float_layers(bench, model))
+                   seqlen=args.seqlen, batch_size=8, seed=42, progress=False, layer_config=float_layers(bench, model),
+                   enable_torch_compile=args.compile)
     start = time.perf_counter()
     ar.quantize()
     total = time.perf_counter() - start
@@ -75,7 +78,7 @@ def main() -> None:
             for label, name in PHASES]
     steps = sum(seconds["tune_block"]) / (args.blocks * max(args.iters, 1))
     print(f"SmolLM2-135M blocks 0-{args.blocks - 1}, W4G128 sym, iters {args.iters}, nsamples {args.nsamples} x "
-          f"{args.seqlen}, batch 8, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.seqlen}, batch 8, {'torch.compile' if args.compile else 'eager'}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"{'phase':70s} {'calls':>5s} {'s / block':>9s}")
     for r in rows:
         print(f"{r['phase']:70s} {r['calls']:5d} {r['seconds_per_block']:9.2f}")
