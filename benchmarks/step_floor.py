@@ -125,6 +125,35 @@ def timed_ms(fn, *args) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
+def tunable_params(block, scheme) -> dict:
+    """Fresh SignRound parameters for every linear of ``block``, with gradients on (the block's own weights off)."""
+    from hf_autoround.tuning.signround import LayerParams
+
+    for t in block.parameters():
+        t.requires_grad_(False)
+    params = {n: LayerParams.initial(block.get_submodule(n).weight, scheme) for n in LINEARS}
+    for lp in params.values():
+        for t in (lp.v, lp.min_scale, lp.max_scale):
+            t.requires_grad_(True)
+    return params
+
+
+def interleaved(steps: dict, parts: dict, params: list, rounds: int) -> dict:
+    """Per name, the milliseconds of each round; every function runs once per round, in the same order."""
+    for fn in steps.values():  # warm-up (and the compile)
+        fn(params)
+        fn(params)
+    for fn in parts.values():
+        fn()
+    samples = {name: [] for name in [*steps, *parts]}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            samples[name].append(timed_ms(fn, params))
+        for name, fn in parts.items():
+            samples[name].append(timed_ms(fn))
+    return samples
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=8)
@@ -140,19 +169,14 @@ def main() -> None:
     from hf_autoround.models import bundled_float_dir
     from hf_autoround.scheme import QuantScheme
     from hf_autoround.tuning.allocator import reuse_freed_memory
-    from hf_autoround.tuning.signround import LayerParams, wrapped
+    from hf_autoround.tuning.signround import wrapped
     from tuning import load_float
 
     reuse_freed_memory()  # as the tuning driver does: without it every step page-faults its temporaries afresh
     model, tok = load_float(types.SimpleNamespace(float_dir=bundled_float_dir()))
     block, x, kwargs, target = block_inputs(model, tok, args.batch, args.seqlen)
-    for t in block.parameters():
-        t.requires_grad_(False)
     scheme = QuantScheme(bits=4, group_size=128, sym=True)
-    params = {n: LayerParams.initial(block.get_submodule(n).weight, scheme) for n in LINEARS}
-    for lp in params.values():
-        for t in (lp.v, lp.min_scale, lp.max_scale):
-            t.requires_grad_(True)
+    params = tunable_params(block, scheme)
     ordered = list(params.values())
     parts = {"matrix products (18)": products_fn(block, args.batch * args.seqlen),
              "attention fwd+bwd": attention_fn(block, args.batch, args.seqlen),
@@ -161,17 +185,7 @@ def main() -> None:
         steps = {"step, eager": step_fn(block, x, kwargs, target, compiled=False)}
         if args.compiled:
             steps["step, torch.compile"] = step_fn(block, x, kwargs, target, compiled=True)
-        for fn in steps.values():  # warm-up (and the compile)
-            fn(ordered)
-            fn(ordered)
-        for fn in parts.values():
-            fn()
-        samples = {name: [] for name in [*steps, *parts]}
-        for _ in range(args.rounds):
-            for name, fn in steps.items():
-                samples[name].append(timed_ms(fn, ordered))
-            for name, fn in parts.items():
-                samples[name].append(timed_ms(fn))
+        samples = interleaved(steps, parts, ordered, args.rounds)
     med = {name: statistics.median(v) for name, v in samples.items()}
     report(args, med, samples, torch)
 
