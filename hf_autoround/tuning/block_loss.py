@@ -45,3 +45,18 @@ def _token_mean(per_token: torch.Tensor, mask: torch.Tensor | None) -> torch.Ten
         return per_token.mean()
     m = mask.to(per_token.dtype)
     return (per_token * m).sum() / m.sum().clamp(min=1)
+
+
+def chunked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, samples: int = 8) -> float:
+    """``block_loss(pred, target, mask, "mse")`` summed over ``samples`` samples at a time, so that no temporary is as
+    big as the outputs (the whole-set error of a block's outputs: two such temporaries would be the run's peak)."""
+    total = count = 0.0
+    for start in range(0, pred.shape[0], samples):
+        sq = (pred[start:start + samples].float() - target[start:start + samples].float()).pow(2)
+        if mask is None:
+            total, count = total + float(sq.sum(dtype=torch.float64)), count + sq.numel()
+            continue
+        m = mask[start:start + samples].to(sq.dtype).unsqueeze(-1)
+        total += float((sq * m).sum(dtype=torch.float64))
+        count += float(m.sum(dtype=torch.float64)) * sq.shape[-1]
+    return total / max(count, 1.0)

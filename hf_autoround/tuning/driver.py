@@ -14,7 +14,7 @@ from ..quant_linear import QuantLinear
 from .allocator import reuse_freed_memory
 from .bf16_matmul import bf16_speed
 from .block_group import BlockGroup, group_indices
-from .block_loss import block_loss
+from .block_loss import chunked_mse
 from .cache import BlockInputs, capture_block_inputs, forward_block, run_block
 from .channel_scaling import InputGram, exact_sites, find_sites, scale_block
 from .data import get_calibration_data
@@ -157,7 +157,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
         with FirstInputs(block, layers) as seen:
             q_out = run_block(block, inputs, tuned_on, batch, compute, store)
         stats.layer_losses = layer_losses(block, seen.inputs, layers)
-    stats.output_mse = float(block_loss(q_out, targets, inputs.token_mask))
+    stats.output_mse = chunked_mse(q_out, targets, inputs.token_mask)
     if options.gguf is not None:
         _store_grid_block(block, prefix, layers, result.params, options.gguf)
     else:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hf_autoround.config import AutoRoundConfig
-from hf_autoround.tuning.block_loss import LOSSES, block_loss
+from hf_autoround.tuning.block_loss import LOSSES, block_loss, chunked_mse
 from hf_autoround.tuning.options import TuningOptions
 from hf_autoround.tuning.signround import SignRoundSettings
 
@@ -52,6 +52,25 @@ def test_masked_tokens_count_for_nothing(kind):
         assert torch.allclose(masked, (expected.mean(-1) / power).mean())
     else:
         assert torch.allclose(masked, expected.mean())
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("samples", [1, 2, 3, 8])  # 3 does not divide the 7 samples: a short last chunk
+def test_chunked_mse_is_the_whole_sets_mse(masked, samples):
+    pred, target = pair(b=7)
+    mask = None
+    if masked:
+        mask = torch.ones(7, 5, dtype=torch.long)
+        mask[2, 1:] = 0
+        mask[6, 4:] = 0
+        pred[2, 1:] = 1e6  # padding: must count for nothing
+    expected = float(block_loss(pred, target, mask, "mse"))
+    assert chunked_mse(pred, target, mask, samples) == pytest.approx(expected, rel=1e-6)
+
+
+def test_chunked_mse_of_an_all_padding_set_is_zero():
+    pred, target = pair(b=2)
+    assert chunked_mse(pred, target, torch.zeros(2, 5, dtype=torch.long)) == 0.0
 
 
 def test_relative_is_zero_on_a_perfect_match_even_for_zero_tokens():
