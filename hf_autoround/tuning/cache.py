@@ -114,16 +114,25 @@ def _detach(value):
     return value
 
 
+def _store_sample(cache: dict, index: int, nsamples: int, hidden: torch.Tensor, dtype: torch.dtype | None) -> None:
+    """Copy one sample's hidden states (``[1, seq, dim]``) into row ``index`` of ``cache["hidden"]``, allocated once
+    for all samples (stacking a list at the end would hold every sample twice)."""
+    if "hidden" not in cache:
+        cache["hidden"] = torch.empty((nsamples,) + tuple(hidden.shape[1:]), dtype=dtype or hidden.dtype,
+                                      device=hidden.device)
+    cache["hidden"][index].copy_(hidden[0])
+
+
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationData,
                          cache_dtype: torch.dtype | None = None) -> BlockInputs:
     """Run each calibration sample through ``model`` up to ``block`` and return what the block was called with."""
-    records, hiddens, extra = [], [], []
+    records, extra, cache = [], [], {}
 
     def hook(module, args, kwargs):
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        hiddens.append(hidden.detach().to(cache_dtype or hidden.dtype))
+        _store_sample(cache, len(records), data.nsamples, hidden.detach(), cache_dtype)
         extra[:] = [_detach(a) for a in args[1:]]
         for key in _DROP_KWARGS:
             kwargs.pop(key, None)
@@ -143,10 +152,10 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, data: CalibrationDa
                 pass
     finally:
         handle.remove()
-    if len(hiddens) != data.nsamples:
+    if len(records) != data.nsamples:
         raise RuntimeError("the first transformer block was not reached by the model forward; check block names")
     shared, per_sample = _split_kwargs(records)
-    return BlockInputs(torch.cat(hiddens, dim=0), shared, per_sample, tuple(extra), data.attention_mask)
+    return BlockInputs(cache["hidden"], shared, per_sample, tuple(extra), data.attention_mask)
 
 
 def block_output(out) -> torch.Tensor:

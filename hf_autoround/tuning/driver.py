@@ -3,6 +3,7 @@ RTN for iters 0), pack, quantized outputs to the next block. Layers planned outs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 
@@ -92,6 +93,8 @@ def _tune_container(model, name, container, plan, data, options: TuningOptions, 
             stack.enter_context(_fp32_block(unit))
             fp_hidden, q_hidden = _process_block(model, unit, prefix, layers, inputs, fp_hidden, q_hidden,
                                                  options, indices[0], stats, plan.packing_format)
+        # the captured first-block input is read no more: keeping it would hold one more copy of the hidden states
+        inputs = dataclasses.replace(inputs, hidden=fp_hidden)
         stats.seconds = time.perf_counter() - start
         report.blocks.append(stats)
         for index in indices:
