@@ -78,7 +78,8 @@ def main() -> None:
             for label, name in PHASES]
     steps = sum(seconds["tune_block"]) / (args.blocks * max(args.iters, 1))
     print(f"SmolLM2-135M blocks 0-{args.blocks - 1}, W4G128 sym, iters {args.iters}, nsamples {args.nsamples} x "
-          f"{args.seqlen}, batch 8, {'torch.compile' if args.compile else 'eager'}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{args.seqlen}, batch 8, {'torch.compile' if args.compile else 'eager'}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
     print(f"{'phase':70s} {'calls':>5s} {'s / block':>9s}")
     for r in rows:
         print(f"{r['phase']:70s} {r['calls']:5d} {r['seconds_per_block']:9.2f}")
