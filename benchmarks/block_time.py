@@ -52,7 +52,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--nsamples", type=int, default=64)
     p.add_argument("--seqlen", type=int, default=256)
-    p.add_argument("--compile", action="store_true", help="enable_torch_compile=True (the first block pays the compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="enable_torch_compile=True (the first block pays the compile)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "block_time.json"))
     args = p.parse_args()
 
