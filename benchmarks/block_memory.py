@@ -27,7 +27,7 @@ if ROOT not in sys.path:  # this checkout, not an installed copy
 
 PHASES = ("capture_block_inputs", "run_block", "scale_block", "search_scales", "tune_block", "layer_losses",
           "chunked_mse", "_pack_block")
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = os.sysconf("SC_PAGE_SIZE")  # Linux only, like /proc/self/statm
 
 
 def rss_mib() -> float:

@@ -192,3 +192,28 @@ def test_nblocks_with_resume_is_refused(tmp_path):
     with pytest.raises(ValueError, match="nblocks=2 with resume=True"):
         quantize_model(build_tiny_model("llama"), config(), dataset=calib(), progress=False, nblocks=2,
                        resume=True, resume_dir=str(tmp_path / "r"))
+
+
+def test_the_captured_first_block_input_is_not_held_past_the_first_block(monkeypatch):
+    """After block 0 the captured hidden states are read no more; holding them would keep a stale copy of the
+    calibration set's hidden states through the whole run."""
+    import weakref
+
+    from hf_autoround.tuning import driver
+
+    captured, alive_at = [], {}
+    capture, process = driver.capture_block_inputs, driver._process_block
+
+    def capture_and_watch(*args, **kwargs):
+        inputs = capture(*args, **kwargs)
+        captured.append(weakref.ref(inputs.hidden))
+        return inputs
+
+    def process_and_check(model, block, prefix, *args, **kwargs):
+        alive_at[prefix] = captured[-1]() is not None
+        return process(model, block, prefix, *args, **kwargs)
+
+    monkeypatch.setattr(driver, "capture_block_inputs", capture_and_watch)
+    monkeypatch.setattr(driver, "_process_block", process_and_check)
+    quantize_model(build_tiny_model("llama"), config(iters=2), dataset=calib(), progress=False)
+    assert alive_at == {"model.layers.0": True, "model.layers.1": False}
