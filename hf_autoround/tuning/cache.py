@@ -172,13 +172,20 @@ def forward_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor, i
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor, batch_size: int,
-              compute_dtype: torch.dtype, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Outputs of ``block`` for every sample of ``hidden``, in batches, stored in ``out_dtype``."""
+              compute_dtype: torch.dtype, out_dtype: torch.dtype | None = None,
+              into: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs of ``block`` for every sample of ``hidden``, in batches, stored in ``out_dtype``.
+
+    ``into``: a tensor to write the outputs into, which may be ``hidden`` itself (a batch's rows are copied out
+    before its outputs are written back), so that a pass over the calibration set needs no second copy of it. It is
+    used when its shape and dtype are those of the outputs; otherwise a new tensor is allocated."""
     out = None
     for start in range(0, hidden.shape[0], batch_size):
         idx = torch.arange(start, min(start + batch_size, hidden.shape[0]))
         y = forward_block(block, inputs, hidden, idx, compute_dtype)
         if out is None:
-            out = torch.empty((hidden.shape[0],) + tuple(y.shape[1:]), dtype=out_dtype or hidden.dtype)
+            shape, dtype = (hidden.shape[0],) + tuple(y.shape[1:]), out_dtype or hidden.dtype
+            fits = into is not None and tuple(into.shape) == shape and into.dtype == dtype
+            out = into if fits else torch.empty(shape, dtype=dtype)
         out[start:start + len(idx)] = y
     return out

@@ -136,7 +136,11 @@ def _block_layers(plan, prefix: str) -> dict:
 
 def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden, q_hidden, options, index,
                    stats: BlockStats, packing_format):
-    """Tune and pack one block; returns the next block's (float inputs, quantized inputs)."""
+    """Tune and pack one block; returns the next block's (float inputs, quantized inputs).
+
+    The two passes over the calibration set write their outputs over their inputs, which nothing reads afterwards:
+    the float targets over ``fp_hidden`` (unless it is also ``q_hidden``, still to be tuned on), the quantized
+    outputs over the hidden states tuned on. So the calibration set's hidden states are held twice, not four times."""
     compute, store = torch.float32, options.cache_dtype or fp_hidden.dtype
     batch = options.signround.batch_size
     if options.gguf is not None:
@@ -146,10 +150,12 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     with contextlib.ExitStack() as stack:  # statistics of the linears' inputs, gathered on the float pass
         act = stack.enter_context(ActivationStats(block, layers)) if want_stats else None
         grams = stack.enter_context(InputGram(block, sites))
-        targets = run_block(block, inputs, fp_hidden, batch, compute, store)
+        targets = run_block(block, inputs, fp_hidden, batch, compute, store,
+                            into=None if q_hidden is fp_hidden else fp_hidden)
     if not layers:
-        q_out = run_block(block, inputs, q_hidden, batch, compute, store) if q_hidden is not fp_hidden else targets
-        return targets, q_out
+        if q_hidden is fp_hidden:
+            return targets, targets
+        return targets, run_block(block, inputs, q_hidden, batch, compute, store, into=q_hidden)
     stats.scaling = scale_block(block, layers, sites, grams.grams, act.sums if act else None)
     init = {n: search_scales(block.get_submodule(n).weight, s, act.sums[n]) for n, s in layers.items()} \
         if want_stats else None
@@ -158,7 +164,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     stats.first_loss, stats.best_loss, stats.best_iter = result.first_loss, result.best_loss, result.best_iter
     with wrapped(block, layers, result.params):  # float32 products: bf16 ones here measured worse (see InputGram)
         with FirstInputs(block, layers) as seen:
-            q_out = run_block(block, inputs, tuned_on, batch, compute, store)
+            q_out = run_block(block, inputs, tuned_on, batch, compute, store, into=tuned_on)
         stats.layer_losses = layer_losses(block, seen.inputs, layers)
     stats.output_mse = chunked_mse(q_out, targets, inputs.token_mask)
     if options.gguf is not None:

@@ -7,7 +7,7 @@ from conftest import ARCHS, build_tiny_model
 from tuning_helpers import one_thread  # noqa: F401  (autouse)
 
 from hf_autoround.layers import detect_block_names
-from hf_autoround.tuning.cache import capture_block_inputs, forward_block
+from hf_autoround.tuning.cache import capture_block_inputs, forward_block, run_block
 from hf_autoround.tuning.data import CalibrationData
 
 
@@ -49,3 +49,27 @@ def test_selected_inputs_run_like_the_same_samples_of_the_whole_set():
         whole = forward_block(block, inputs, inputs.hidden, idx, torch.float32)
         alone = forward_block(block, part, part.hidden, torch.arange(3), torch.float32)
     assert torch.equal(alone, whole)
+
+
+@pytest.mark.parametrize("batch", [1, 4, 6])
+def test_run_block_over_its_own_input_equals_a_fresh_output(batch):
+    """Written over ``hidden`` itself, batch after batch, the outputs are those of a pass into a new tensor."""
+    model = build_tiny_model("llama")
+    torch.manual_seed(5)
+    inputs = capture_block_inputs(model, model.model.layers[0], CalibrationData(torch.randint(0, 256, (6, 16))))
+    block = model.model.layers[0]
+    fresh = run_block(block, inputs, inputs.hidden, batch, torch.float32)
+    hidden = inputs.hidden.clone()
+    over = run_block(block, inputs, hidden, batch, torch.float32, into=hidden)
+    assert over is hidden and fresh is not inputs.hidden
+    assert torch.equal(over, fresh)
+
+
+def test_run_block_allocates_when_into_does_not_fit():
+    model = build_tiny_model("llama")
+    inputs = capture_block_inputs(model, model.model.layers[0], CalibrationData(torch.randint(0, 256, (2, 8))))
+    block = model.model.layers[0]
+    as_bf16 = inputs.hidden.to(torch.bfloat16)
+    out = run_block(block, inputs, inputs.hidden, 2, torch.float32, into=as_bf16)
+    assert out is not as_bf16 and out.dtype == torch.float32
+    assert torch.equal(as_bf16, inputs.hidden.to(torch.bfloat16))  # left as it was
