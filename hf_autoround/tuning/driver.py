@@ -79,7 +79,7 @@ def _tune_container(model, name, container, plan, data, options: TuningOptions, 
     if last < 0:
         bar.bar.update(len(container))
         return
-    inputs = capture_block_inputs(model, container[0], data, options.cache_dtype)
+    inputs = capture_block_inputs(model, container[0], data, _cache_dtype(model, options))
     first, fp_hidden, q_hidden = session.restore(name, container, inputs, report, bar)
     # blocks after the last planned layer stay as they are; blocks before `first` were finished by a resumed run
     for indices in group_indices(first, last, options.nblocks):
@@ -107,6 +107,16 @@ def _tune_container(model, name, container, plan, data, options: TuningOptions, 
                      stats.seconds)
         bar.update(stats, blocks=len(indices))
     bar.bar.update(len(container) - last - 1)
+
+
+def _cache_dtype(model: nn.Module, options: TuningOptions) -> torch.dtype:
+    """The dtype the calibration set's hidden states are kept in between passes (every pass computes in float32):
+    ``cache_dtype`` when given; else bfloat16 for a float32 model, which halves the largest memory of the run at
+    no measured cost in accuracy (README, *Measured*); else the model's own dtype."""
+    if options.cache_dtype is not None:
+        return options.cache_dtype
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return torch.bfloat16 if dtype == torch.float32 else dtype
 
 
 def _tuning_unit(name: str, container, indices: list[int], per_block: list[dict]):

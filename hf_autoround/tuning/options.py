@@ -34,7 +34,7 @@ class TuningOptions:
     # from this one; benchmarks/results/tuning_w4g128_blocks4_3seeds*.txt)
     init_opt_rtn: bool = True
     channel_scaling: bool = True  # activation-aware channel scales folded into the norms first (channel_scaling)
-    cache_dtype: torch.dtype | None = None  # None: the model's dtype
+    cache_dtype: torch.dtype | None = None  # hidden states between passes; None: bf16 for a float32 model (driver)
     report: object = None  # a TuningReport to fill in (else a new one is returned)
     gguf: object = None  # a GgufTuning: tune on a GGUF file's grids instead of the integer scheme
     ignored: dict = field(default_factory=dict)

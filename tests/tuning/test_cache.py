@@ -69,7 +69,7 @@ def test_run_block_allocates_when_into_does_not_fit():
     model = build_tiny_model("llama")
     inputs = capture_block_inputs(model, model.model.layers[0], CalibrationData(torch.randint(0, 256, (2, 8))))
     block = model.model.layers[0]
-    as_bf16 = inputs.hidden.to(torch.bfloat16)
-    out = run_block(block, inputs, inputs.hidden, 2, torch.float32, into=as_bf16)
-    assert out is not as_bf16 and out.dtype == torch.float32
-    assert torch.equal(as_bf16, inputs.hidden.to(torch.bfloat16))  # left as it was
+    other = inputs.hidden.to(torch.float16)
+    out = run_block(block, inputs, inputs.hidden, 2, torch.float32, into=other)
+    assert out is not other and out.dtype == inputs.hidden.dtype
+    assert torch.equal(other, inputs.hidden.to(torch.float16))  # left as it was

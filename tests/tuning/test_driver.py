@@ -214,3 +214,25 @@ def test_the_hidden_states_live_in_two_buffers_through_the_run(monkeypatch):
     quantize_model(model, config(iters=2), dataset=calib(), progress=False)
     assert len(model.model.layers) >= 2 and len(seen) == 5 * len(model.model.layers)
     assert len({t.data_ptr() for t in seen}) == 2
+
+
+@pytest.mark.parametrize("model_dtype, cache_dtype, expected", [
+    (torch.float32, None, torch.bfloat16), (torch.float32, "float32", torch.float32),
+    (torch.float16, None, torch.float16), (torch.float32, "float16", torch.float16)])
+def test_hidden_states_are_cached_in_bf16_for_a_float32_model_unless_told(monkeypatch, model_dtype, cache_dtype,
+                                                                         expected):
+    from hf_autoround.tuning import driver
+
+    seen = []
+    process = driver._process_block
+
+    def process_and_watch(model, block, prefix, layers, inputs, fp_hidden, q_hidden, *args, **kwargs):
+        out = process(model, block, prefix, layers, inputs, fp_hidden, q_hidden, *args, **kwargs)
+        seen.extend([fp_hidden.dtype, q_hidden.dtype, out[0].dtype, out[1].dtype])
+        return out
+
+    monkeypatch.setattr(driver, "_process_block", process_and_watch)
+    kwargs = {} if cache_dtype is None else {"cache_dtype": cache_dtype}
+    quantize_model(build_tiny_model("llama").to(model_dtype), config(iters=1), dataset=calib(), progress=False,
+                   **kwargs)
+    assert seen and set(seen) == {expected}
