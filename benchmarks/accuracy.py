@@ -14,6 +14,8 @@ import sys
 import tempfile
 import time
 
+from bench_io import write_json
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hf_autoround import AutoRoundConfig  # noqa: E402
@@ -96,10 +98,8 @@ def resumed(args) -> tuple[EvalTable, dict]:
 
 def save(args, table: EvalTable, timings: dict) -> None:
     """Written after every model, so that a long run that dies keeps what it measured."""
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"settings": vars(args), "columns": table.columns, "rows": table.rows,
-                   "average": table.averages(), "quantize_seconds": timings}, f, indent=2)
+    write_json(args.json, {"settings": vars(args), "columns": table.columns, "rows": table.rows,
+                           "average": table.averages(), "quantize_seconds": timings})
     print(table.markdown(), flush=True)
 
 

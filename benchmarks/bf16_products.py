@@ -10,11 +10,12 @@ and prints the ratio float32 time / bf16 time (above 1: bf16 is faster). Also pr
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
+
+from bench_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
@@ -46,12 +47,9 @@ def main() -> None:
     speed = bf16_speed()
     probe_s = time.perf_counter() - start
     print(f"bf16_speed() in {probe_s:.2f} s: {speed.describe()}; bf16_forward/bf16_backward 'auto' -> {speed.faster}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"rows": rows, "auto_ratio": speed.ratio, "auto_bf16": speed.faster, "probe_s": probe_s,
-                   "capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()},
-                  f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"rows": rows, "auto_ratio": speed.ratio, "auto_bf16": speed.faster, "probe_s": probe_s,
+                           "capability": torch.backends.cpu.get_cpu_capability(),
+                           "threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import os
 import sys
 import time
 import types
+
+from bench_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
@@ -86,11 +87,8 @@ def main() -> None:
         print(f"{r['phase']:70s} {r['calls']:5d} {r['seconds_per_block']:9.2f}")
     print(f"{'quantize() in all, per block':70s} {'':5s} {total / args.blocks:9.2f}")
     print(f"one SignRound step (forward, backward, update): {steps * 1e3:.1f} ms")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "rows": rows, "total_per_block_s": total / args.blocks,
-                   "step_ms": steps * 1e3}, f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"args": vars(args), "rows": rows, "total_per_block_s": total / args.blocks,
+                           "step_ms": steps * 1e3})
 
 
 if __name__ == "__main__":

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import os
 import statistics
 import sys
 import time
 import types
+
+from bench_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
@@ -76,10 +77,7 @@ def main() -> None:
               f"{r['quantize_s']:13.1f}  {losses}")
     ratio = runs[1]["step_ms_later_blocks"] / runs[0]["step_ms_later_blocks"]
     print(f"compiled / eager: step time x{ratio:.2f}, quantize() x{runs[1]['quantize_s'] / runs[0]['quantize_s']:.2f}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "runs": runs, "step_ratio": ratio}, f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"args": vars(args), "runs": runs, "step_ratio": ratio})
 
 
 if __name__ == "__main__":

@@ -14,13 +14,14 @@ nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import types
 
 import torch
+
+from bench_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
@@ -117,10 +118,7 @@ def main() -> None:
     print(f"\nSmolLM2-135M blocks 0-{args.blocks - 1} W4G128 sym (the rest float), steps on {args.nsamples} samples, "
           f"{args.nsamples} held out, seqlen {args.seqlen}, batch 8; relative block loss, mean over samples")
     print_table(runs)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "runs": runs}, f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"args": vars(args), "runs": runs})
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ Prints a table and writes JSON. Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
+
+from bench_io import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -97,11 +98,9 @@ def main():
     for name, r in results.items():
         rel = f"{100 * (r['ppl'] / ref - 1):+.3f} %" if name != "float" else "(unquantised)"
         print(f"| {name} | {r['ppl']:.4f} | {rel} | {r.get('eval_s', 0):.0f} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"model": "smollm2-135m", "scheme": SCHEME, "method": "RTN (iters=0)", "tokens": ids.numel(),
-                   "seqlen": args.seqlen, "model_dtype": "float32", "torch_threads": torch.get_num_threads(),
-                   "results": results}, f, indent=2)
+    write_json(args.json, {"model": "smollm2-135m", "scheme": SCHEME, "method": "RTN (iters=0)",
+                           "tokens": ids.numel(), "seqlen": args.seqlen, "model_dtype": "float32",
+                           "torch_threads": torch.get_num_threads(), "results": results})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import os
 import platform
 import statistics
@@ -34,6 +33,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from bench_io import write_json
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
@@ -432,10 +433,7 @@ def main(argv=None):
         print_decode_table(result["decode"], log)
     info["loadavg_end"] = os.getloadavg()
     log(f"load average at end: {info['loadavg_end']}")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    log(f"\nwrote {args.out}")
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from bench_io import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
     sys.path.insert(0, ROOT)
@@ -165,9 +167,7 @@ def main(argv=None) -> None:
     print(table(rows))
     print(f"peak RSS spread across depths: low-memory {100 * result['low_memory_peak_spread']:.1f} %, "
           f"normal {100 * result['normal_peak_spread']:.1f} %")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w", encoding="utf-8") as f:
-        json.dump(result, f, indent=2)
+    write_json(args.json, result)
 
 
 if __name__ == "__main__":

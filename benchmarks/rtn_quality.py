@@ -5,12 +5,13 @@ Prints a table and writes JSON. Usage: python benchmarks/rtn_quality.py [--token
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
 import torch
+
+from bench_io import write_json
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,9 +50,7 @@ def main():
     print(f"| scheme | perplexity | vs float | quantize s |\n| --- | ---: | ---: | ---: |")
     for name, r in results.items():
         print(f"| {name} | {r['ppl']:.3f} | {r['ppl'] / base:.3f}x | {r.get('quantize_s', 0):.1f} |")
-    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"tokens": ids.numel(), "seqlen": args.seqlen, "results": results}, f, indent=2)
+    write_json(args.json, {"tokens": ids.numel(), "seqlen": args.seqlen, "results": results})
 
 
 if __name__ == "__main__":

@@ -16,12 +16,13 @@ calibration text. Prints a table and writes JSON; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
 import time
 import types
+
+from bench_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
@@ -200,10 +201,7 @@ def report(args, med: dict, samples: dict, torch) -> None:
         print(f"{name:38s} {ms:8.1f} {ms / eager:13.0%} {ms * args.iters / 1e3:24.1f}")
     print(f"{'floor: products + attention':38s} {floor:8.1f} {floor / eager:13.0%} {floor * args.iters / 1e3:24.1f}")
     print(f"eager step / floor: x{eager / floor:.2f}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "median_ms": med, "samples_ms": samples, "floor_ms": floor}, f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"args": vars(args), "median_ms": med, "samples_ms": samples, "floor_ms": floor})
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ Output: the table on stdout (kept in ``benchmarks/results/token_error.txt``) and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
 import torch
+
+from bench_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
@@ -96,8 +97,7 @@ def main() -> None:
     print("| block | |h|^2 first | err first | rel err first |\n| ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['block']} | {r['norm_first']:.3f} | {r['err_first']:.3f} | {r['rel_err_first']:.3f} |")
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=1)
+    write_json(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

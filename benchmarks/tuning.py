@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from bench_io import write_json
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVAL_TEXT = os.path.join(ROOT, "..", "shared", "data", "text", "austen_emma.txt")
 SCHEMES = {"w4g128sym": (4, 128, True), "w2g64asym": (2, 64, False)}
@@ -347,11 +349,9 @@ def main() -> None:
     prepare(args, args.work)
     started = time.time()
     rows = collect(args)
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"settings": {k: v for k, v in vars(args).items() if k not in ("worker",)},
-                   "wall_s": time.time() - started, "rows": rows}, f, indent=1)
-    print(f"\nwrote {args.json}")
+    settings = {k: v for k, v in vars(args).items() if k not in ("worker",)}
+    print()
+    write_json(args.json, {"settings": settings, "wall_s": time.time() - started, "rows": rows})
 
 
 if __name__ == "__main__":
