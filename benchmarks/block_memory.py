@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import json
 import os
 import sys
 import threading
 import time
 import types
+
+from bench_io import write_json
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:  # this checkout, not an installed copy
@@ -61,12 +62,23 @@ class PhasePeaks:
         setattr(module, name, labelled)
 
 
+def _noting_hidden(capture, into: dict):
+    """``capture_block_inputs`` that notes the dtype and size of the hidden states it returns (holding nothing)."""
+    @functools.wraps(capture)
+    def noting(*args, **kwargs):
+        inputs = capture(*args, **kwargs)
+        into.update(dtype=str(inputs.hidden.dtype).removeprefix("torch."), mib=inputs.hidden.nbytes / 2**20)
+        return inputs
+    return noting
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--blocks", type=int, default=4, help="keep only the first N blocks of the model")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--nsamples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--cache-dtype", default=None, help="AutoRound's cache_dtype (default: the package's choice)")
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "block_memory.json"))
     args = p.parse_args()
 
@@ -78,27 +90,27 @@ def main() -> None:
     peaks = PhasePeaks()
     for name in PHASES:
         peaks.wrap(driver, name)
+    hidden = {}
+    driver.capture_block_inputs = _noting_hidden(driver.capture_block_inputs, hidden)
     model, tok = load_float(types.SimpleNamespace(float_dir=bundled_float_dir()))
     model.model.layers = model.model.layers[:args.blocks]
     model.config.num_hidden_layers = args.blocks
     after_load = rss_mib()
+    cache = {} if args.cache_dtype is None else {"cache_dtype": args.cache_dtype}
     ar = AutoRound(model, tok, bits=4, group_size=128, sym=True, iters=args.iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=8, seed=42, progress=False)
+                   seqlen=args.seqlen, batch_size=8, seed=42, progress=False, **cache)
     peaks.stack.append("quantize(), elsewhere")
     ar.quantize()
     peaks.stack.pop()
     time.sleep(3 * peaks.period_s)
     rows = {"after loading the model": after_load, **{k: v for k, v in peaks.peaks.items() if k != "outside quantize()"}}
-    hidden_mib = args.nsamples * args.seqlen * model.config.hidden_size * 4 / 2**20
     print(f"SmolLM2-135M cut to {args.blocks} blocks, W4G128 sym, iters {args.iters}, nsamples {args.nsamples} x "
-          f"{args.seqlen}, batch 8; one float32 copy of the calibration set's hidden states: {hidden_mib:.0f} MiB")
+          f"{args.seqlen}, batch 8; one copy of the calibration set's hidden states ({hidden['dtype']}): "
+          f"{hidden['mib']:.0f} MiB")
     print(f"{'phase':28s} {'peak RSS MiB':>12s}")
     for name, value in rows.items():
         print(f"{name:28s} {value:12.0f}")
-    os.makedirs(os.path.dirname(args.json), exist_ok=True)
-    with open(args.json, "w") as f:
-        json.dump({"args": vars(args), "peak_rss_mib": rows, "hidden_copy_mib": hidden_mib}, f, indent=1)
-    print(f"wrote {args.json}")
+    write_json(args.json, {"args": vars(args), "peak_rss_mib": rows, "hidden_copy": hidden})
 
 
 if __name__ == "__main__":
