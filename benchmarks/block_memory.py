@@ -103,7 +103,8 @@ def main() -> None:
     ar.quantize()
     peaks.stack.pop()
     time.sleep(3 * peaks.period_s)
-    rows = {"after loading the model": after_load, **{k: v for k, v in peaks.peaks.items() if k != "outside quantize()"}}
+    phases = {k: v for k, v in peaks.peaks.items() if k != "outside quantize()"}
+    rows = {"after loading the model": after_load, **phases}
     print(f"SmolLM2-135M cut to {args.blocks} blocks, W4G128 sym, iters {args.iters}, nsamples {args.nsamples} x "
           f"{args.seqlen}, batch 8; one copy of the calibration set's hidden states ({hidden['dtype']}): "
           f"{hidden['mib']:.0f} MiB")

@@ -77,7 +77,8 @@ class AutoRound:
 
     Precision of the tuning: the float targets, the blocks' propagated outputs and the norms, attention and losses
     are computed in float32; between passes the calibration set's hidden states are stored in ``cache_dtype``
-    (default bfloat16 for a float32 model, which halves their memory; "float32" keeps them whole). ``bf16_backward`` and ``bf16_forward`` ("auto": on where a bf16 product times faster than a
+    (default bfloat16 for a float32 model, which halves their memory; "float32" keeps them whole).
+    ``bf16_backward`` and ``bf16_forward`` ("auto": on where a bf16 product times faster than a
     float32 one on this CPU, ``tuning.bf16_matmul.bf16_speed``; True / False pin the choice across machines) run
     the tuned linears' backward and forward products in bf16 (``tuning.bf16_matmul``; the forward of the attention
     query/key projections stays float32); ``amp=True`` autocasts the whole block forward to bf16 (less accurate).
