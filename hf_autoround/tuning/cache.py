@@ -172,9 +172,9 @@ def forward_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor, i
 
 @torch.no_grad()
 def run_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor, batch_size: int,
-              compute_dtype: torch.dtype, out_dtype: torch.dtype | None = None,
-              into: torch.Tensor | None = None) -> torch.Tensor:
-    """Outputs of ``block`` for every sample of ``hidden``, in batches, stored in ``out_dtype``.
+              compute_dtype: torch.dtype, into: torch.Tensor | None = None) -> torch.Tensor:
+    """Outputs of ``block`` for every sample of ``hidden``, computed in batches in ``compute_dtype`` and stored in
+    ``hidden``'s dtype (the cache's).
 
     ``into``: a tensor to write the outputs into, which may be ``hidden`` itself (a batch's rows are copied out
     before its outputs are written back), so that a pass over the calibration set needs no second copy of it. It is
@@ -184,7 +184,7 @@ def run_block(block: nn.Module, inputs: BlockInputs, hidden: torch.Tensor, batch
         idx = torch.arange(start, min(start + batch_size, hidden.shape[0]))
         y = forward_block(block, inputs, hidden, idx, compute_dtype)
         if out is None:
-            shape, dtype = (hidden.shape[0],) + tuple(y.shape[1:]), out_dtype or hidden.dtype
+            shape, dtype = (hidden.shape[0],) + tuple(y.shape[1:]), hidden.dtype
             fits = into is not None and tuple(into.shape) == shape and into.dtype == dtype
             out = into if fits else torch.empty(shape, dtype=dtype)
         out[start:start + len(idx)] = y

@@ -151,7 +151,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     The two passes over the calibration set write their outputs over their inputs, which nothing reads afterwards:
     the float targets over ``fp_hidden`` (unless it is also ``q_hidden``, still to be tuned on), the quantized
     outputs over the hidden states tuned on. So the calibration set's hidden states are held twice, not four times."""
-    compute, store = torch.float32, options.cache_dtype or fp_hidden.dtype
+    compute = torch.float32  # every pass; results are stored in the hidden states' (the cache's) dtype
     batch = options.signround.batch_size
     if options.gguf is not None:
         layers = _grid_targets(block, prefix, layers, options.gguf)
@@ -160,12 +160,12 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     with contextlib.ExitStack() as stack:  # statistics of the linears' inputs, gathered on the float pass
         act = stack.enter_context(ActivationStats(block, layers)) if want_stats else None
         grams = stack.enter_context(InputGram(block, sites))
-        targets = run_block(block, inputs, fp_hidden, batch, compute, store,
+        targets = run_block(block, inputs, fp_hidden, batch, compute,
                             into=None if q_hidden is fp_hidden else fp_hidden)
     if not layers:
         if q_hidden is fp_hidden:
             return targets, targets
-        return targets, run_block(block, inputs, q_hidden, batch, compute, store, into=q_hidden)
+        return targets, run_block(block, inputs, q_hidden, batch, compute, into=q_hidden)
     stats.scaling = scale_block(block, layers, sites, grams.grams, act.sums if act else None)
     init = {n: search_scales(block.get_submodule(n).weight, s, act.sums[n]) for n, s in layers.items()} \
         if want_stats else None
@@ -174,7 +174,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     stats.first_loss, stats.best_loss, stats.best_iter = result.first_loss, result.best_loss, result.best_iter
     with wrapped(block, layers, result.params):  # float32 products: bf16 ones here measured worse (see InputGram)
         with FirstInputs(block, layers) as seen:
-            q_out = run_block(block, inputs, tuned_on, batch, compute, store, into=tuned_on)
+            q_out = run_block(block, inputs, tuned_on, batch, compute, into=tuned_on)
         stats.layer_losses = layer_losses(block, seen.inputs, layers)
     stats.output_mse = chunked_mse(q_out, targets, inputs.token_mask)
     if options.gguf is not None:
