@@ -88,6 +88,10 @@ class AutoRound:
     ``loss`` ("relative", the default, or the reference's "mse") is the block loss (``tuning.block_loss``);
     ``momentum`` (default 0, the reference's sign of each batch's gradient; 0.5 averages the rounding's gradients
     over steps, ``tuning.signround.RoundingMomentum``) chooses the direction of the rounding's signed steps.
+    ``chunk_tokens`` (default 2048) bounds the tokens of one forward / backward: a step's batch (and each pass over
+    the calibration set) runs in chunks of whole samples, each chunk's loss weighted by its share of the batch's
+    tokens, so the step's result does not change while its activation memory stops growing with
+    ``batch_size x seqlen``.
 
     ``resume=True``: checkpoint every finished block to ``resume_dir`` (``quantize_and_save`` defaults it to
     ``<output_dir>.resume``) and, when it already holds a killed run with the same settings, model and data,

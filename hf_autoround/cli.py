@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--momentum", type=float, default=None,
                    help="beta of the rounding's sign-of-momentum step, e.g. 0.5; 0 = the reference's sign of each "
                         "batch's gradient (default: %s)" % SignRoundSettings.momentum)
+    p.add_argument("--chunk_tokens", type=int, default=None,
+                   help="the most tokens one forward/backward of a tuning step runs at once; a step's batch is split "
+                        "into chunks of whole samples (the result does not change; lower = less memory) "
+                        "(default: %s)" % SignRoundSettings.chunk_tokens)
     p.add_argument("--disable_channel_scaling", action="store_true",
                    help="do not fold activation-aware channel scales into the norms before tuning (on by default: "
                         "loud input channels get more of each group's grid)")

@@ -84,8 +84,8 @@ def run_job(args, config) -> EvalTable:
 
 
 def _tuning_kwargs(args) -> dict:
-    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks / --loss / --momentum / --disable_channel_scaling /
-    --enable_torch_compile as tuning keyword arguments."""
+    """--resume / --resume_dir / --low_cpu_mem_usage / --nblocks / --loss / --momentum / --chunk_tokens /
+    --disable_channel_scaling / --enable_torch_compile as tuning keyword arguments."""
     from .autoround import default_resume_dir
 
     out = {"low_cpu_mem_usage": True} if args.low_cpu_mem_usage else {}
@@ -99,6 +99,8 @@ def _tuning_kwargs(args) -> dict:
         out["loss"] = args.loss
     if args.momentum is not None:
         out["momentum"] = args.momentum
+    if args.chunk_tokens is not None:
+        out["chunk_tokens"] = args.chunk_tokens
     if args.resume:
         out.update(resume=True, resume_dir=args.resume_dir or default_resume_dir(args.output_dir))
     return out

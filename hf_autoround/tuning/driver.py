@@ -152,7 +152,7 @@ def _process_block(model, block, prefix, layers, inputs: BlockInputs, fp_hidden,
     the float targets over ``fp_hidden`` (unless it is also ``q_hidden``, still to be tuned on), the quantized
     outputs over the hidden states tuned on. So the calibration set's hidden states are held twice, not four times."""
     compute = torch.float32  # every pass; results are stored in the hidden states' (the cache's) dtype
-    batch = options.signround.batch_size
+    batch = options.signround.chunk_samples(fp_hidden.shape[1])  # samples per forward of each pass
     if options.gguf is not None:
         layers = _grid_targets(block, prefix, layers, options.gguf)
     want_stats = bool(layers) and options.wants_opt_rtn

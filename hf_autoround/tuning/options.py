@@ -82,6 +82,7 @@ class TuningOptions:
             loss=kwargs.pop("loss", SignRoundSettings.loss),
             momentum=kwargs.pop("momentum", SignRoundSettings.momentum),
             compile=_flag("enable_torch_compile", kwargs.pop("enable_torch_compile", False)),
+            chunk_tokens=kwargs.pop("chunk_tokens", SignRoundSettings.chunk_tokens),
         )
         options = cls(
             signround=signround, nsamples=config.nsamples, seqlen=config.seqlen,

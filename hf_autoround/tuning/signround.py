@@ -9,6 +9,9 @@ targets (by default each token's squared error relative to its target's power, `
 every parameter by ``-lr * sign(d)`` with ``lr`` decaying linearly to 0. ``d`` is the gradient, except that with
 ``SignRoundSettings.momentum > 0`` it is, for ``V``, a short running average of the gradients (``RoundingMomentum``;
 GGUF-grid tuning included). The parameters of the step with the lowest loss are the ones kept.
+A step's batch runs forward and backward in chunks of at most ``SignRoundSettings.chunk_tokens`` tokens (whole
+samples), which share the step's fake-quantised weights (``StepWeights``): memory is bounded, the result is not
+changed.
 ``SignRoundSettings.bf16`` says which of the wrapped linears' products run in bf16 (``bf16_matmul``); the float
 targets and the block outputs handed on are computed outside the loop, in float32. ``SignRoundSettings.compile``
 computes each step's block forward and loss through ``torch.compile`` (``compiled_step``).
@@ -78,6 +81,13 @@ class SignRoundSettings:
     loss: str = "relative"  # per-token relative MSE, or "mse", the reference's plain MSE (block_loss)
     momentum: float = 0.0  # beta of V's sign-of-momentum step (RoundingMomentum); 0: the reference's sign(grad)
     compile: bool = False  # the step's forward and loss through torch.compile (compiled_step)
+    chunk_tokens: int = 2048  # the most tokens one forward / backward of a step (or of a pass) runs at once
+
+    def chunk_samples(self, seqlen: int) -> int:
+        """Samples per forward / backward: a step's (and a pass's) batch runs in chunks of at most this many, so that
+        activation memory stays bounded whatever ``batch_size x seqlen``; never more than ``batch_size``, at least 1.
+        Chunking does not change a step's result (``_batch_loss`` weights each chunk by its share of real tokens)."""
+        return max(1, min(self.batch_size, self.chunk_tokens // max(seqlen, 1)))
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -85,6 +95,8 @@ class SignRoundSettings:
         valid = isinstance(self.momentum, (int, float)) and not isinstance(self.momentum, bool)
         if not valid or not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"momentum={self.momentum!r}: expected a number in [0, 1)")
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens={self.chunk_tokens!r}: expected a positive number of tokens")
 
     @property
     def round_lr(self) -> float:
@@ -113,9 +125,14 @@ class QdqLinear(nn.Module):
         self.linear, self.scheme, self.params, self.matmul = linear, scheme, params, matmul
         self.grouped = GroupedWeight.from_weight(linear.weight, scheme)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    step_weight: torch.Tensor | None = None  # set by ``StepWeights`` while a step shares one weight among its chunks
+
+    def quantized_weight(self) -> torch.Tensor:
         p = self.params
-        w_hat = fake_quant(self.grouped, self.scheme, p.v, p.min_scale, p.max_scale)
+        return fake_quant(self.grouped, self.scheme, p.v, p.min_scale, p.max_scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_hat = self.quantized_weight() if self.step_weight is None else self.step_weight
         return self.matmul(x, w_hat.to(x.dtype), self.linear.bias)
 
 
@@ -126,9 +143,39 @@ class GridQdqLinear(nn.Module):
         super().__init__()
         self.linear, self.grid, self.params, self.matmul = linear, grid, params, matmul
 
+    step_weight: torch.Tensor | None = None  # as ``QdqLinear.step_weight``
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.grid.fake_quant(self.linear.weight, self.params.v)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_hat = self.grid.fake_quant(self.linear.weight, self.params.v)
+        w_hat = self.quantized_weight() if self.step_weight is None else self.step_weight
         return self.matmul(x, w_hat.to(x.dtype), self.linear.bias)
+
+
+class StepWeights:
+    """The fake-quantised weights of one step, computed once and shared by the step's chunks.
+
+    Each wrapper reads a detached copy of its weight, a leaf that sums the gradients of every chunk's backward;
+    ``backward`` then takes that sum through the fake-quantiser once, to ``V`` and the range scales. The
+    gradients equal those of one graph over the whole batch, and the fake-quantiser runs once per step instead of
+    once per chunk."""
+
+    def __init__(self, wrappers: list[nn.Module]):
+        self.wrappers = wrappers
+        self.graphs = [w.quantized_weight() for w in wrappers]
+        for wrapper, graph in zip(wrappers, self.graphs):
+            wrapper.step_weight = graph.detach().requires_grad_(graph.requires_grad)
+
+    def backward(self) -> None:
+        pairs = [(g, w.step_weight.grad) for g, w in zip(self.graphs, self.wrappers) if w.step_weight.grad is not None]
+        if pairs:
+            torch.autograd.backward([g for g, _ in pairs], [grad for _, grad in pairs])
+
+    def release(self) -> None:
+        for wrapper in self.wrappers:
+            wrapper.step_weight = None
+        self.graphs = []
 
 
 def _wrapper(linear: nn.Linear, target: Target, params: LayerParams, matmul) -> nn.Module:
@@ -140,13 +187,15 @@ def _wrapper(linear: nn.Linear, target: Target, params: LayerParams, matmul) -> 
 @contextlib.contextmanager
 def wrapped(block: nn.Module, layers: dict[str, Target], params: dict[str, LayerParams],
             bf16: MatmulPrecision = MatmulPrecision()):
-    """Swap the block's planned linears for fake-quantising ones while inside the context; restore them after.
-    ``bf16``: where their products run in bfloat16 (the default, float32, is exact)."""
+    """Swap the block's planned linears for fake-quantising ones while inside the context (which yields them, by
+    name); restore them after. ``bf16``: where their products run in bfloat16 (the default, float32, is exact)."""
     originals = {name: block.get_submodule(name) for name in layers}
-    for name, linear in originals.items():
-        set_submodule(block, name, _wrapper(linear, layers[name], params[name], bf16.matmul(name)))
+    wrappers = {name: _wrapper(linear, layers[name], params[name], bf16.matmul(name))
+                for name, linear in originals.items()}
+    for name, wrapper in wrappers.items():
+        set_submodule(block, name, wrapper)
     try:
-        yield
+        yield wrappers
     finally:
         for name, linear in originals.items():
             set_submodule(block, name, linear)
@@ -212,22 +261,44 @@ def _step(params: list[LayerParams], lr: float, scale_lr: float, tune_scales: bo
             s.grad = None
 
 
-def _batch_loss(block, inputs: BlockInputs, q_hidden, targets, idx, settings: SignRoundSettings) -> float:
-    """Forward + backward of one step's batch (split into gradient-accumulation chunks); returns the loss."""
-    total = 0.0
-    chunk = max(1, -(-len(idx) // settings.gradient_accumulate_steps))
+def _batch_loss(block, inputs: BlockInputs, q_hidden, targets, idx, settings: SignRoundSettings,
+                wrappers: list[nn.Module]) -> float:
+    """Forward + backward of one step's samples ``idx``, in chunks of ``settings.chunk_samples``; returns the loss.
+
+    Each chunk's loss is weighted by its share of the step's real tokens, so their sum is the loss of the whole
+    batch. With more than one chunk, the fake-quantised weights are computed once for the step (``StepWeights``)."""
+    chunks = idx.split(settings.chunk_samples(q_hidden.shape[1]))
+    shares = _token_shares(inputs.token_mask, chunks, q_hidden.shape[1])
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if settings.amp else contextlib.nullcontext()
     loss_of = step_loss(settings.compile)
-    for sub in idx.split(chunk):
-        x = q_hidden.index_select(0, sub).to(settings.compute_dtype)
-        mask = None if inputs.token_mask is None else inputs.token_mask.index_select(0, sub)
-        with amp:  # the loss itself is float32 either way (block_loss upcasts)
-            loss = loss_of(block, x, inputs.extra_args, inputs.kwargs_for(sub), targets.index_select(0, sub), mask,
-                           settings.loss)
-        loss = loss * (len(sub) / len(idx))
-        loss.backward()
-        total += loss.item()
+    shared = StepWeights(wrappers) if len(chunks) > 1 else None
+    total = 0.0
+    try:
+        for sub, share in zip(chunks, shares):
+            x = q_hidden.index_select(0, sub).to(settings.compute_dtype)
+            mask = None if inputs.token_mask is None else inputs.token_mask.index_select(0, sub)
+            with amp:  # the loss itself is float32 either way (block_loss upcasts)
+                loss = loss_of(block, x, inputs.extra_args, inputs.kwargs_for(sub), targets.index_select(0, sub),
+                               mask, settings.loss)
+            loss = loss * share
+            loss.backward()
+            total += loss.item()
+        if shared is not None:
+            shared.backward()
+    finally:
+        if shared is not None:
+            shared.release()
     return total
+
+
+def _token_shares(token_mask: torch.Tensor | None, chunks: tuple[torch.Tensor, ...], seqlen: int) -> list[float]:
+    """Each chunk's share of the real tokens of the step (of its samples without a padding mask)."""
+    counts = [float(len(sub) * seqlen) if token_mask is None else float(token_mask.index_select(0, sub).sum())
+              for sub in chunks]
+    total = sum(counts)
+    if total == 0:  # no real token at all: every chunk's (masked) loss is 0 anyway
+        return [len(sub) / sum(len(c) for c in chunks) for sub in chunks]
+    return [c / total for c in counts]
 
 
 def tune_block(block: nn.Module, layers: dict[str, Target], inputs: BlockInputs, q_hidden: torch.Tensor,
@@ -248,8 +319,8 @@ def tune_block(block: nn.Module, layers: dict[str, Target], inputs: BlockInputs,
     result = BlockResult({})
     sampler = BatchSampler(inputs.nsamples, settings.batch_size * settings.gradient_accumulate_steps, settings.seed)
     try:
-        with wrapped(block, layers, params, settings.bf16):
-            _loop(block, inputs, q_hidden, targets, settings, params, sampler, result)
+        with wrapped(block, layers, params, settings.bf16) as wrappers:
+            _loop(block, inputs, q_hidden, targets, settings, params, list(wrappers.values()), sampler, result)
     finally:
         for p in frozen:
             p.requires_grad_(True)
@@ -260,11 +331,11 @@ def tune_block(block: nn.Module, layers: dict[str, Target], inputs: BlockInputs,
     return result
 
 
-def _loop(block, inputs, q_hidden, targets, settings, params, sampler, result: BlockResult) -> None:
+def _loop(block, inputs, q_hidden, targets, settings, params, wrappers, sampler, result: BlockResult) -> None:
     ordered = list(params.values())
     momentum = RoundingMomentum(settings.momentum)
     for i in range(settings.iters):
-        loss = _batch_loss(block, inputs, q_hidden, targets, sampler.next(), settings)
+        loss = _batch_loss(block, inputs, q_hidden, targets, sampler.next(), settings, wrappers)
         result.losses.append(loss)
         if i == 0:
             result.first_loss = loss

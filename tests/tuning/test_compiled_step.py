@@ -93,3 +93,15 @@ def test_the_enable_torch_compile_option_reaches_the_settings():
     assert "enable_torch_compile" not in TuningOptions.from_config(config).ignored
     with pytest.raises(ValueError, match="enable_torch_compile='yes': expected True or False"):
         TuningOptions.from_config(config, enable_torch_compile="yes")
+
+
+@needs_compiler
+def test_a_chunked_step_compiles_and_matches_the_eager_chunked_step():
+    """With more than one chunk the wrappers read the step's shared weights (``StepWeights``) inside the graph."""
+    block, inputs, targets, layers = block_setup(n=8)
+    seq = inputs.hidden.shape[1]
+    runs = {compile: tune_block(block, layers, inputs, inputs.hidden, targets,
+                                SignRoundSettings(iters=3, batch_size=8, chunk_tokens=4 * seq, compile=compile))
+            for compile in (False, True)}
+    assert compiled_loss().failure is None
+    assert runs[True].losses == pytest.approx(runs[False].losses, rel=1e-4)

@@ -236,3 +236,16 @@ def test_hidden_states_are_cached_in_bf16_for_a_float32_model_unless_told(monkey
     quantize_model(build_tiny_model("llama").to(model_dtype), config(iters=1), dataset=calib(), progress=False,
                    **kwargs)
     assert seen and set(seen) == {expected}
+
+
+@pytest.mark.parametrize("chunk_tokens, largest", [(None, 4), (2 * 24, 2), (24, 1)])
+def test_no_forward_of_the_run_holds_more_than_chunk_tokens(chunk_tokens, largest):
+    """Passes over the calibration set and tuning steps alike run in chunks of whole samples (``chunk_tokens``;
+    by default a batch of 4 x 24 tokens is one chunk)."""
+    model = build_tiny_model("llama")
+    sizes = []
+    for block in model.model.layers:
+        block.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    kwargs = {} if chunk_tokens is None else {"chunk_tokens": chunk_tokens}
+    quantize_model(model, config(iters=2, batch_size=4), dataset=calib(), progress=False, **kwargs)
+    assert max(sizes) == largest

@@ -50,7 +50,9 @@ def tuned():
     model, tokenizer = _float_model()
     original = {k: v.clone() for k, v in model.state_dict().items()}
     report = TuningReport()
-    quantize_model(model, _config(), dataset=_calib(), progress=False, gguf_format=FMT, report=report)
+    # chunks of 3, 3 and 2 samples: the grid wrappers' weights are shared by the chunks of each step (StepWeights)
+    quantize_model(model, _config(), dataset=_calib(), progress=False, gguf_format=FMT, report=report,
+                   chunk_tokens=3 * 32)
     return model, tokenizer, original, report
 
 

@@ -13,8 +13,8 @@ from hf_autoround.tuning.data import CalibrationData
 from hf_autoround.tuning.bf16_matmul import MatmulPrecision
 from hf_autoround.tuning.block_loss import block_loss
 from hf_autoround.tuning.options import TuningOptions
-from hf_autoround.tuning.signround import (BatchSampler, LayerParams, RoundingMomentum, SignRoundSettings, _step,
-                                           tune_block, wrapped)
+from hf_autoround.tuning.signround import (BatchSampler, LayerParams, QdqLinear, RoundingMomentum, SignRoundSettings,
+                                           _batch_loss, _step, tune_block, wrapped)
 
 SCHEME = QuantScheme(2, 32, False)  # 2-bit: large rounding errors, so tuning has something to win
 # float32; bf16 backward products; bf16 forward and backward products (q/k forward float32)
@@ -158,3 +158,73 @@ def test_the_momentum_option_reaches_the_settings():
     assert TuningOptions.from_config(config, momentum=0.5).signround.momentum == 0.5
     with pytest.raises(ValueError, match="momentum=2"):
         TuningOptions.from_config(config, momentum=2)
+
+
+def test_chunk_samples_bound_the_tokens_of_a_forward():
+    assert SignRoundSettings(batch_size=8, chunk_tokens=2048).chunk_samples(256) == 8  # 2048 tokens: one chunk
+    assert SignRoundSettings(batch_size=8, chunk_tokens=2048).chunk_samples(512) == 4
+    assert SignRoundSettings(batch_size=8, chunk_tokens=2048).chunk_samples(4096) == 1  # at least one sample
+    assert SignRoundSettings(batch_size=2, chunk_tokens=2048).chunk_samples(16) == 2  # never above batch_size
+    for bad in (0, -5, 1.5, True, "2048"):
+        with pytest.raises(ValueError, match="chunk_tokens="):
+            SignRoundSettings(chunk_tokens=bad)
+    with pytest.raises(ValueError, match="chunk_tokens="):
+        TuningOptions.from_config(AutoRoundConfig(bits=4, group_size=32, iters=2), chunk_tokens=0)
+    assert TuningOptions.from_config(AutoRoundConfig(bits=4, group_size=32, iters=2),
+                                     chunk_tokens=24).signround.chunk_tokens == 24
+
+
+def padded_setup(n=6, seq=24):
+    """``block_setup`` with right padding of different lengths on most samples (so chunks hold unequal shares)."""
+    model = build_tiny_model("llama")
+    torch.manual_seed(5)
+    mask = torch.ones(n, seq, dtype=torch.long)
+    for i, pad in enumerate([0, 3, 9, 0, 15, 6][:n]):
+        mask[i, seq - pad:] = 0
+    data = CalibrationData(torch.randint(0, 256, (n, seq)), mask)
+    inputs = capture_block_inputs(model, model.model.layers[0], data)
+    block = model.model.layers[0]
+    targets = run_block(block, inputs, inputs.hidden, 8, torch.float32)
+    layers = {n: SCHEME for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    return block, inputs, targets, layers
+
+
+def step_gradients(block, layers, inputs, targets, settings):
+    """(loss, gradients of every tunable tensor) of one step on every sample, from fresh parameters."""
+    params = {n: LayerParams.initial(block.get_submodule(n).weight, s) for n, s in layers.items()}
+    for p in params.values():
+        for t in (p.v, p.min_scale, p.max_scale):
+            t.requires_grad_(True)
+    with wrapped(block, layers, params) as wrappers:
+        loss = _batch_loss(block, inputs, inputs.hidden, targets, torch.arange(inputs.nsamples), settings,
+                           list(wrappers.values()))
+    return loss, [t.grad.clone() for p in params.values() for t in (p.v, p.min_scale, p.max_scale)]
+
+
+@pytest.mark.parametrize("kind", ["relative", "mse"])
+@pytest.mark.parametrize("masked", [True, False])
+def test_a_chunked_step_has_the_loss_and_gradients_of_one_batch(kind, masked):
+    block, inputs, targets, layers = padded_setup() if masked else block_setup(n=6)
+    seq = inputs.hidden.shape[1]
+    whole = step_gradients(block, layers, inputs, targets, SignRoundSettings(batch_size=6, loss=kind))
+    for per_chunk in (1, 4):  # six chunks of one sample; chunks of four and two samples
+        chunked = step_gradients(block, layers, inputs, targets,
+                                 SignRoundSettings(batch_size=6, loss=kind, chunk_tokens=per_chunk * seq))
+        assert abs(chunked[0] - whole[0]) <= 1e-5 * whole[0]
+        for a, b in zip(chunked[1], whole[1]):
+            assert float((a - b).norm()) <= 1e-4 * float(b.norm())  # float32 sums in another order
+    assert any(g.abs().max() > 0 for g in whole[1])  # the comparison is not between zeros
+
+
+def test_a_chunked_step_quantises_each_weight_once_and_forwards_at_most_a_chunk(monkeypatch):
+    block, inputs, targets, layers = block_setup(n=8)
+    calls, sizes = [], []
+    quantized_weight = QdqLinear.quantized_weight
+    monkeypatch.setattr(QdqLinear, "quantized_weight", lambda self: calls.append(self) or quantized_weight(self))
+    block.register_forward_pre_hook(lambda module, args: sizes.append(args[0].shape[0]))
+    seq = inputs.hidden.shape[1]
+    settings = SignRoundSettings(iters=3, batch_size=8, chunk_tokens=3 * seq)  # chunks of 3, 3 and 2 samples
+    result = tune_block(block, layers, inputs, inputs.hidden, targets, settings)
+    assert sizes == [3, 3, 2] * 3
+    assert len(calls) == 3 * len(layers)  # once per step, not once per chunk
+    assert result.best_loss <= result.first_loss
