@@ -21,10 +21,17 @@ SCHEME = QuantScheme(2, 32, False)  # 2-bit: large rounding errors, so tuning ha
 PRECISIONS = [MatmulPrecision(), MatmulPrecision(backward=True), MatmulPrecision(forward=True, backward=True)]
 
 
-def block_setup(arch="llama", n=8, seq=24):
+def block_setup(arch="llama", n=8, seq=24, pads=None):
+    """Block 0 of a tiny model, its captured inputs, float targets and planned layers; ``pads``: right padding
+    (in tokens) per sample, for a padding mask."""
     model = build_tiny_model(arch)
     torch.manual_seed(5)
-    data = CalibrationData(torch.randint(0, 256, (n, seq)))
+    mask = None
+    if pads is not None:
+        mask = torch.ones(n, seq, dtype=torch.long)
+        for i, pad in enumerate(pads):
+            mask[i, seq - pad:] = 0
+    data = CalibrationData(torch.randint(0, 256, (n, seq)), mask)
     blocks = model.model.layers
     inputs = capture_block_inputs(model, blocks[0], data)
     block = blocks[0]
@@ -174,21 +181,6 @@ def test_chunk_samples_bound_the_tokens_of_a_forward():
                                      chunk_tokens=24).signround.chunk_tokens == 24
 
 
-def padded_setup(n=6, seq=24):
-    """``block_setup`` with right padding of different lengths on most samples (so chunks hold unequal shares)."""
-    model = build_tiny_model("llama")
-    torch.manual_seed(5)
-    mask = torch.ones(n, seq, dtype=torch.long)
-    for i, pad in enumerate([0, 3, 9, 0, 15, 6][:n]):
-        mask[i, seq - pad:] = 0
-    data = CalibrationData(torch.randint(0, 256, (n, seq)), mask)
-    inputs = capture_block_inputs(model, model.model.layers[0], data)
-    block = model.model.layers[0]
-    targets = run_block(block, inputs, inputs.hidden, 8, torch.float32)
-    layers = {n: SCHEME for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
-    return block, inputs, targets, layers
-
-
 def step_gradients(block, layers, inputs, targets, settings):
     """(loss, gradients of every tunable tensor) of one step on every sample, from fresh parameters."""
     params = {n: LayerParams.initial(block.get_submodule(n).weight, s) for n, s in layers.items()}
@@ -204,7 +196,8 @@ def step_gradients(block, layers, inputs, targets, settings):
 @pytest.mark.parametrize("kind", ["relative", "mse"])
 @pytest.mark.parametrize("masked", [True, False])
 def test_a_chunked_step_has_the_loss_and_gradients_of_one_batch(kind, masked):
-    block, inputs, targets, layers = padded_setup() if masked else block_setup(n=6)
+    # padded: unequal padding, so the chunks hold unequal shares of the real tokens
+    block, inputs, targets, layers = block_setup(n=6, pads=[0, 3, 9, 0, 15, 6] if masked else None)
     seq = inputs.hidden.shape[1]
     whole = step_gradients(block, layers, inputs, targets, SignRoundSettings(batch_size=6, loss=kind))
     for per_chunk in (1, 4):  # six chunks of one sample; chunks of four and two samples
