@@ -4,8 +4,8 @@ SignRound moves each parameter by ``-lr * sign(grad)``, so the gradient only has
 quantisation error it works against (a few per cent of a weight) is far above bf16's rounding (0.4 %). A CPU
 flag is not enough to say whether that is faster: on a Zen 4 (AVX512-BF16) a bf16 product (float32 accumulation,
 oneDNN) ran about 2.3x faster than a float32 one, on a virtualised Intel Xeon with AVX512-BF16 but no AMX 0.6x as
-fast. So ``bf16_speed`` times one product of each kind, once per process, and "auto" uses bf16 only where it
-measured at least ``MIN_SPEEDUP`` times faster.
+fast. So ``bf16_speed`` times products of each kind in interleaved rounds, once per process, and "auto" uses bf16
+only where it measured at least ``MIN_SPEEDUP`` times faster.
 Two linears, picked per layer (``MatmulPrecision.matmul``):
 
 - ``bf16_backward_linear``: exact forward; the backward products ``dX = dY W`` and ``dW = dY^T X`` from bf16 copies;
@@ -23,6 +23,7 @@ seeds of three, while this split gave a better one at all three.
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ def native_bf16() -> bool:
 
 MIN_SPEEDUP = 1.2  # a bf16 product must run this many times faster than float32 for "auto" to choose it
 PROBE_SHAPE = (1024, 1024, 1024)  # (rows, inputs, outputs) of the timed products
+PROBE_ROUNDS = 7  # rounds of the probe, each timing one product of each dtype
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,20 @@ class Bf16Speed:
 
 @functools.lru_cache(maxsize=None)
 def bf16_speed() -> Bf16Speed:
-    """Times one ``PROBE_SHAPE`` product in float32 and in bf16 (the best of a few runs each), once per process."""
+    """Times ``PROBE_SHAPE`` products in float32 and in bf16, once per process: ``PROBE_ROUNDS`` rounds, each timing
+    one product of either dtype back to back; the ratio is the median over the rounds.
+
+    Interleaved because the choice changes the tuning's results, so load from other processes must not flip it: a
+    burst then slows both sides of a round, or one round, which the median drops. (The earlier probe, the best of 5
+    float32 runs, then of 5 bf16 runs, read between 0.46x and 4.78x over 25 processes on a 2-core machine with
+    one core kept busy, so one run in that sample would have tuned with bf16 products.)"""
     if not native_bf16():
         return Bf16Speed()
-    return Bf16Speed(ratio=product_seconds(torch.float32) / product_seconds(torch.bfloat16))
+    for dtype in (torch.float32, torch.bfloat16):
+        product_seconds(dtype, warmup=2, runs=1)
+    ratios = [product_seconds(torch.float32, warmup=0, runs=1) / product_seconds(torch.bfloat16, warmup=0, runs=1)
+              for _ in range(PROBE_ROUNDS)]
+    return Bf16Speed(ratio=statistics.median(ratios))
 
 
 def product_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, warmup: int = 2, runs: int = 5,
