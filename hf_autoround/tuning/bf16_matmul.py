@@ -76,28 +76,35 @@ def bf16_speed() -> Bf16Speed:
     one core kept busy, so one run in that sample would have tuned with bf16 products.)"""
     if not native_bf16():
         return Bf16Speed()
-    for dtype in (torch.float32, torch.bfloat16):
-        product_seconds(dtype, warmup=2, runs=1)
-    ratios = [product_seconds(torch.float32, warmup=0, runs=1) / product_seconds(torch.bfloat16, warmup=0, runs=1)
-              for _ in range(PROBE_ROUNDS)]
+    f32, bf16 = probe_operands(torch.float32), probe_operands(torch.bfloat16)
+    for x, w in (f32, bf16, f32, bf16):  # warm-up
+        F.linear(x, w)
+    ratios = [linear_seconds(*f32) / linear_seconds(*bf16) for _ in range(PROBE_ROUNDS)]
     return Bf16Speed(ratio=statistics.median(ratios))
+
+
+def probe_operands(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ``(x, w)`` in ``dtype`` for ``F.linear`` with ``shape`` (rows, inputs, outputs), the same every time."""
+    rows, inputs, outputs = shape
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(rows, inputs, generator=gen).to(dtype), torch.randn(outputs, inputs, generator=gen).to(dtype)
+
+
+def linear_seconds(x: torch.Tensor, w: torch.Tensor) -> float:
+    """Seconds of one ``F.linear(x, w)``."""
+    start = time.perf_counter()
+    F.linear(x, w)
+    return time.perf_counter() - start
 
 
 def product_seconds(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE, warmup: int = 2, runs: int = 5,
                     summary=min) -> float:
-    """``summary`` (min, or e.g. ``statistics.median``) of ``runs`` timings of ``F.linear`` on random operands of
-    ``shape`` (rows, inputs, outputs) in ``dtype``, after ``warmup`` untimed calls."""
-    rows, inputs, outputs = shape
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, inputs, generator=gen).to(dtype)
-    w = torch.randn(outputs, inputs, generator=gen).to(dtype)
-    times = []
-    for i in range(warmup + runs):
-        start = time.perf_counter()
+    """``summary`` (min, or e.g. ``statistics.median``) of ``runs`` timings of ``F.linear`` on ``probe_operands``
+    of ``shape`` in ``dtype``, after ``warmup`` untimed calls."""
+    x, w = probe_operands(dtype, shape)
+    for _ in range(warmup):
         F.linear(x, w)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return summary(times)
+    return summary([linear_seconds(x, w) for _ in range(runs)])
 
 
 def scores_attention(name: str) -> bool:

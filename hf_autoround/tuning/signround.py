@@ -295,9 +295,7 @@ def _token_shares(token_mask: torch.Tensor | None, chunks: tuple[torch.Tensor, .
     """Each chunk's share of the real tokens of the step (of its samples without a padding mask)."""
     counts = [float(len(sub) * seqlen) if token_mask is None else float(token_mask.index_select(0, sub).sum())
               for sub in chunks]
-    total = sum(counts)
-    if total == 0:  # no real token at all: every chunk's (masked) loss is 0 anyway
-        return [len(sub) / sum(len(c) for c in chunks) for sub in chunks]
+    total = sum(counts) or 1.0  # no real token at all: every chunk's (masked) loss is 0 anyway
     return [c / total for c in counts]
 
 

@@ -89,7 +89,7 @@ def timed(monkeypatch):
     """``bf16_speed`` with the product timings (seconds by dtype) and the native flag given by the test."""
     def setup(native: bool, seconds: dict):
         monkeypatch.setattr(bm, "native_bf16", lambda: native)
-        monkeypatch.setattr(bm, "product_seconds", lambda dtype, **kw: seconds[dtype])
+        monkeypatch.setattr(bm, "linear_seconds", lambda x, w: seconds[x.dtype])
         bm.bf16_speed.cache_clear()
         return bm.bf16_speed()
 
@@ -108,24 +108,24 @@ def test_bf16_chosen_only_where_it_times_faster(timed):
 
 
 def test_a_burst_of_load_does_not_flip_the_choice(monkeypatch):
-    """Another process takes a core for 7 consecutive timings: each runs 8x slower. Float32 products take 0.6 of a
+    """Another process takes a core for the first 7 timings: each runs 8x slower. Float32 products take 0.6 of a
     bf16 one. Interleaved rounds see the burst on both sides of most rounds, and the median drops the one round it
     splits; timing 7 float32 runs first, then the bf16 ones, would have read 4.8x and chosen bf16."""
     calls = []
 
-    def product_seconds(dtype, **kw):
-        calls.append(dtype)
-        slow = 8.0 if 2 <= len(calls) - 1 <= 8 else 1.0
-        return slow * (0.6 if dtype == torch.float32 else 1.0)
+    def linear_seconds(x, w):
+        calls.append(x.dtype)
+        return (8.0 if len(calls) <= 7 else 1.0) * (0.6 if x.dtype == torch.float32 else 1.0)
 
     monkeypatch.setattr(bm, "native_bf16", lambda: True)
-    monkeypatch.setattr(bm, "product_seconds", product_seconds)
+    monkeypatch.setattr(bm, "probe_operands", lambda dtype: (torch.zeros(2, 2, dtype=dtype),) * 2)
+    monkeypatch.setattr(bm, "linear_seconds", linear_seconds)
     bm.bf16_speed.cache_clear()
     try:
         speed = bm.bf16_speed()
     finally:
         bm.bf16_speed.cache_clear()
-    assert len(calls) == 2 + 2 * bm.PROBE_ROUNDS
+    assert len(calls) == 2 * bm.PROBE_ROUNDS
     assert speed.ratio == pytest.approx(0.6) and not speed.faster
 
 
