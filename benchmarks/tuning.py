@@ -107,6 +107,7 @@ def worker_ours(args) -> dict:
     out = {"tune_s": seconds, "peak_rss_mb": rss, "ppl": eval_ppl(model, tok, args)}
     if ar.report is not None and ar.report.blocks:
         out["mean_loss_reduction"] = ar.report.mean_reduction
+        out["bf16_products"] = {"forward": ar.report.bf16_forward, "backward": ar.report.bf16_backward}
     return out
 
 

@@ -38,6 +38,8 @@ def tune_model(model: nn.Module, plan, config, tokenizer=None, dataset=None, pro
     data = get_calibration_data(dataset, tokenizer, options.seqlen, options.nsamples, config.seed)
     report = options.report if options.report is not None else TuningReport()
     report.started, report.nsamples = time.perf_counter(), data.nsamples
+    if config.iters:
+        report.bf16_forward, report.bf16_backward = options.signround.bf16.forward, options.signround.bf16.backward
     torch.manual_seed(config.seed)
     was_training = model.training
     model.eval()

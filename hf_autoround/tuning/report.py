@@ -47,6 +47,9 @@ class TuningReport:
     seconds: float = 0.0
     peak_rss_mb: float = 0.0
     started: float = field(default_factory=time.perf_counter)
+    # the tuned linears' products as run: what bf16_forward / bf16_backward ("auto": a timing) chose
+    bf16_forward: bool = False
+    bf16_backward: bool = False
 
     def finish(self) -> None:
         self.seconds = time.perf_counter() - self.started
@@ -63,6 +66,8 @@ class TuningReport:
                 f"peak RSS {self.peak_rss_mb:.0f} MiB")
         if not math.isnan(self.mean_reduction):
             text += f", mean block loss reduction {100 * self.mean_reduction:.1f} % (first step -> best)"
+        bf16 = [part for part, on in (("forward", self.bf16_forward), ("backward", self.bf16_backward)) if on]
+        text += f", {' and '.join(bf16)} products in bf16" if bf16 else ""
         alphas = [a for b in self.blocks for a in b.scaling.values()]
         if alphas:
             text += f", channel scaling at {sum(a > 0 for a in alphas)} of {len(alphas)} sites"
