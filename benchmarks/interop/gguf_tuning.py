@@ -12,7 +12,6 @@ writes JSON:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -22,7 +21,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))  # benchmarks/ (bench_io)
 sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))
+
+from bench_io import write_json  # noqa: E402
 
 from llama_cpp_perplexity import bundled_tokenizer_pre, llama_cpp_perplexity, torch_perplexity  # noqa: E402
 
@@ -106,10 +108,7 @@ def main(argv=None) -> int:
             extra = f"  llama.cpp {llama:.4f}" if "llama_cpp_ppl" in row else ""
             print(f"{fmt:8s} {method:32s} ppl {ppl:9.4f}  gap {row['gap']:7.4f}  tune {seconds:6.0f} s{extra}",
                   flush=True)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
     return 0
 
 

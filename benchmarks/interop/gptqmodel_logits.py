@@ -14,12 +14,15 @@ Prints relative logits error and top-1 agreement against our in-memory model and
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
+import sys
 import traceback
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ (bench_io)
+from bench_io import write_json  # noqa: E402
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "..", "shared", "fixtures")
 CASES = (("auto_gptq", True), ("auto_awq", False), ("auto_awq", True))
@@ -70,8 +73,7 @@ def consume(out: str) -> None:
             row["error"] = repr(err)[:300]
         rows.append(row)
         print(row, flush=True)
-    with open(os.path.join(out, "gptqmodel_logits.json"), "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2)
+    write_json(os.path.join(out, "gptqmodel_logits.json"), rows)
 
 
 def main(argv=None) -> int:

@@ -15,7 +15,6 @@ Run it with the project's python; ``--llama-site`` points at the site-packages o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -24,6 +23,9 @@ import time
 
 import numpy as np
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/ (bench_io)
+from bench_io import write_json  # noqa: E402
 
 
 def llama_cpp_perplexity(path: str, windows: torch.Tensor, threads: int) -> float:
@@ -114,9 +116,7 @@ def main(argv=None) -> int:
               f"file {row['file_mb']:6.1f} MiB  types {types}", flush=True)
         if not args.keep:
             os.remove(path)
-    with open(args.out, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, results)
     return 0
 
 
