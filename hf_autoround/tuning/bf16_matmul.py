@@ -4,8 +4,8 @@ SignRound moves each parameter by ``-lr * sign(grad)``, so the gradient only has
 quantisation error it works against (a few per cent of a weight) is far above bf16's rounding (0.4 %). A CPU
 flag is not enough to say whether that is faster: on a Zen 4 (AVX512-BF16) a bf16 product (float32 accumulation,
 oneDNN) ran about 2.3x faster than a float32 one, on a virtualised Intel Xeon with AVX512-BF16 but no AMX 0.6x as
-fast. So ``bf16_speed`` times products of each kind in interleaved rounds, once per process, and "auto" uses bf16
-only where it measured at least ``MIN_SPEEDUP`` times faster.
+fast. So ``bf16_speed`` times products of each kind in interleaved rounds, once per process, on one thread and in
+its CPU time, and "auto" uses bf16 only where it measured at least ``MIN_SPEEDUP`` times faster.
 Two linears, picked per layer (``MatmulPrecision.matmul``):
 
 - ``bf16_backward_linear``: exact forward; the backward products ``dX = dY W`` and ``dW = dY^T X`` from bf16 copies;
@@ -22,6 +22,7 @@ seeds of three, while this split gave a better one at all three.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
@@ -68,19 +69,35 @@ class Bf16Speed:
 @functools.lru_cache(maxsize=None)
 def bf16_speed() -> Bf16Speed:
     """Times ``PROBE_SHAPE`` products in float32 and in bf16, once per process: ``PROBE_ROUNDS`` rounds, each timing
-    one product of either dtype back to back; the ratio is the median over the rounds.
+    one product of either dtype back to back, on one thread and in that thread's CPU time; the ratio is the median
+    over the rounds.
 
-    Interleaved because the choice changes the tuning's results, so load from other processes must not flip it: a
-    burst then slows both sides of a round, or one round, which the median drops. (The earlier probe, the best of 5
-    float32 runs, then of 5 bf16 runs, read between 0.46x and 4.78x over 25 processes on a 2-core machine with
-    one core kept busy, so one run in that sample would have tuned with bf16 products.)"""
+    The choice changes the tuning's results, so load from other processes must not flip it. A thread's CPU time
+    leaves out the time it waits descheduled, and with one thread no product waits at a barrier for a descheduled
+    partner. Wall-clock timings of two-thread products did not hold (scratch runs on the 2-core machine, 15
+    processes while three busy-loop processes ran): in the same interleaved rounds they read 0.54x-1.25x, 4 times at 1.2x
+    or more, which would have tuned with bf16 products; the earlier best-of-5 timing of one dtype after the other
+    read up to 4.78x. One thread's CPU time read 0.48x-0.64x under that load, 0.52x-0.59x idle (6 processes), where the wall-clock
+    two-thread probe read 0.56x-0.63x: both dtypes spread over the cores alike, so one thread's ratio is theirs."""
     if not native_bf16():
         return Bf16Speed()
-    f32, bf16 = probe_operands(torch.float32), probe_operands(torch.bfloat16)
-    for x, w in (f32, bf16, f32, bf16):  # warm-up
-        F.linear(x, w)
-    ratios = [linear_seconds(*f32) / linear_seconds(*bf16) for _ in range(PROBE_ROUNDS)]
+    with one_thread():
+        f32, bf16 = probe_operands(torch.float32), probe_operands(torch.bfloat16)
+        for x, w in (f32, bf16, f32, bf16):  # warm-up
+            F.linear(x, w)
+        ratios = [linear_cpu_seconds(*f32) / linear_cpu_seconds(*bf16) for _ in range(PROBE_ROUNDS)]
     return Bf16Speed(ratio=statistics.median(ratios))
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch's intra-op threads set to 1 inside, restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def probe_operands(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,8 +107,15 @@ def probe_operands(dtype: torch.dtype, shape: tuple[int, int, int] = PROBE_SHAPE
     return torch.randn(rows, inputs, generator=gen).to(dtype), torch.randn(outputs, inputs, generator=gen).to(dtype)
 
 
+def linear_cpu_seconds(x: torch.Tensor, w: torch.Tensor) -> float:
+    """CPU seconds the calling thread spends in one ``F.linear(x, w)`` (all of it when torch runs on one thread)."""
+    start = time.thread_time()
+    F.linear(x, w)
+    return time.thread_time() - start
+
+
 def linear_seconds(x: torch.Tensor, w: torch.Tensor) -> float:
-    """Seconds of one ``F.linear(x, w)``."""
+    """Wall seconds of one ``F.linear(x, w)``."""
     start = time.perf_counter()
     F.linear(x, w)
     return time.perf_counter() - start

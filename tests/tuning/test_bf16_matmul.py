@@ -2,6 +2,7 @@
 linear each tuned layer gets; the options; "auto" follows the timed speed, not the CPU flag."""
 from __future__ import annotations
 
+import time
 import types
 
 import pytest
@@ -89,7 +90,7 @@ def timed(monkeypatch):
     """``bf16_speed`` with the product timings (seconds by dtype) and the native flag given by the test."""
     def setup(native: bool, seconds: dict):
         monkeypatch.setattr(bm, "native_bf16", lambda: native)
-        monkeypatch.setattr(bm, "linear_seconds", lambda x, w: seconds[x.dtype])
+        monkeypatch.setattr(bm, "linear_cpu_seconds", lambda x, w: seconds[x.dtype])
         bm.bf16_speed.cache_clear()
         return bm.bf16_speed()
 
@@ -108,18 +109,19 @@ def test_bf16_chosen_only_where_it_times_faster(timed):
 
 
 def test_a_burst_of_load_does_not_flip_the_choice(monkeypatch):
-    """Another process takes a core for the first 7 timings: each runs 8x slower. Float32 products take 0.6 of a
-    bf16 one. Interleaved rounds see the burst on both sides of most rounds, and the median drops the one round it
-    splits; timing 7 float32 runs first, then the bf16 ones, would have read 4.8x and chosen bf16."""
+    """Something slows the first 7 timings 8x (CPU time leaves out waiting descheduled, but not, say, a shared
+    cache thrashed by another process). Float32 products take 0.6 of a bf16 one. Interleaved rounds see the burst
+    on both sides of most rounds, and the median drops the one round it splits; timing 7 float32 runs first, then
+    the bf16 ones, would have read 4.8x and chosen bf16."""
     calls = []
 
-    def linear_seconds(x, w):
+    def linear_cpu_seconds(x, w):
         calls.append(x.dtype)
         return (8.0 if len(calls) <= 7 else 1.0) * (0.6 if x.dtype == torch.float32 else 1.0)
 
     monkeypatch.setattr(bm, "native_bf16", lambda: True)
     monkeypatch.setattr(bm, "probe_operands", lambda dtype: (torch.zeros(2, 2, dtype=dtype),) * 2)
-    monkeypatch.setattr(bm, "linear_seconds", linear_seconds)
+    monkeypatch.setattr(bm, "linear_cpu_seconds", linear_cpu_seconds)
     bm.bf16_speed.cache_clear()
     try:
         speed = bm.bf16_speed()
@@ -127,6 +129,40 @@ def test_a_burst_of_load_does_not_flip_the_choice(monkeypatch):
         bm.bf16_speed.cache_clear()
     assert len(calls) == 2 * bm.PROBE_ROUNDS
     assert speed.ratio == pytest.approx(0.6) and not speed.faster
+
+
+def test_the_probe_runs_on_one_thread_and_restores_the_count(monkeypatch):
+    threads_seen = []
+
+    def linear_cpu_seconds(x, w):
+        threads_seen.append(torch.get_num_threads())
+        return 1.0
+
+    monkeypatch.setattr(bm, "native_bf16", lambda: True)
+    monkeypatch.setattr(bm, "probe_operands", lambda dtype: (torch.zeros(2, 2, dtype=dtype),) * 2)
+    monkeypatch.setattr(bm, "linear_cpu_seconds", linear_cpu_seconds)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    bm.bf16_speed.cache_clear()
+    try:
+        bm.bf16_speed()
+        assert threads_seen == [1] * (2 * bm.PROBE_ROUNDS) and torch.get_num_threads() == 2
+    finally:
+        bm.bf16_speed.cache_clear()
+        torch.set_num_threads(before)
+
+
+def test_the_probe_clock_leaves_out_time_spent_waiting(monkeypatch):
+    """A product that waits (here: sleeps, as a descheduled thread would) for 0.2 s: its wall time counts the
+    wait, the probe's CPU time does not."""
+    def waiting_linear(x, w):
+        time.sleep(0.2)
+        return x
+
+    monkeypatch.setattr(bm, "F", types.SimpleNamespace(linear=waiting_linear))
+    x = torch.zeros(2, 2)
+    assert bm.linear_seconds(x, x) >= 0.2
+    assert bm.linear_cpu_seconds(x, x) < 0.05
 
 
 def test_no_native_bf16_is_not_timed(timed):
