@@ -75,10 +75,11 @@ def bf16_speed() -> Bf16Speed:
     The choice changes the tuning's results, so load from other processes must not flip it. A thread's CPU time
     leaves out the time it waits descheduled, and with one thread no product waits at a barrier for a descheduled
     partner. Wall-clock timings of two-thread products did not hold (scratch runs on the 2-core machine, 15
-    processes while three busy-loop processes ran): in the same interleaved rounds they read 0.54x-1.25x, 4 times at 1.2x
-    or more, which would have tuned with bf16 products; the earlier best-of-5 timing of one dtype after the other
-    read up to 4.78x. One thread's CPU time read 0.48x-0.64x under that load, 0.52x-0.59x idle (6 processes), where the wall-clock
-    two-thread probe read 0.56x-0.63x: both dtypes spread over the cores alike, so one thread's ratio is theirs."""
+    processes while three busy-loop processes ran): in the same interleaved rounds they read 0.54x-1.25x, 4 times
+    at 1.2x or more, which would have tuned with bf16 products; the earlier best-of-5 timing of one dtype after the
+    other read up to 4.78x. One thread's CPU time read 0.48x-0.64x under that load, and 0.52x-0.59x idle (6
+    processes) where the wall-clock two-thread probe read 0.56x-0.63x: both dtypes spread over the cores alike, so
+    one thread's ratio is theirs."""
     if not native_bf16():
         return Bf16Speed()
     with one_thread():
