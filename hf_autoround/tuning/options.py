@@ -77,8 +77,9 @@ class TuningOptions:
                                                     kwargs.pop("gradient_accumulate_steps", 1)),
             enable_minmax_tuning=bool(kwargs.pop("enable_minmax_tuning", True)),
             seed=config.seed, amp=bool(kwargs.pop("amp", False)),
-            bf16=MatmulPrecision(forward=_auto_bf16("bf16_forward", kwargs.pop("bf16_forward", "auto")),
-                                 backward=_auto_bf16("bf16_backward", kwargs.pop("bf16_backward", "auto"))),
+            bf16=MatmulPrecision(
+                forward=_auto_bf16("bf16_forward", kwargs.pop("bf16_forward", "auto"), tunes=config.iters > 0),
+                backward=_auto_bf16("bf16_backward", kwargs.pop("bf16_backward", "auto"), tunes=config.iters > 0)),
             loss=kwargs.pop("loss", SignRoundSettings.loss),
             momentum=kwargs.pop("momentum", SignRoundSettings.momentum),
             compile=_flag("enable_torch_compile", kwargs.pop("enable_torch_compile", False)),
@@ -128,9 +129,12 @@ def check_device(device) -> None:
     logger.warning("device=%r: this build tunes on the CPU; the model stays where it is", device)
 
 
-def _auto_bf16(name: str, value) -> bool:
-    """"auto": on where a bf16 product measured faster than a float32 one on this CPU; True / False force it."""
-    return bf16_speed().faster if value == "auto" else _flag(name, value, "'auto', True or False")
+def _auto_bf16(name: str, value, tunes: bool) -> bool:
+    """"auto": on where a bf16 product measured faster than a float32 one on this CPU, timed only when SignRound
+    runs (``tunes``; iters 0 runs no tuned product); True / False force it."""
+    if value == "auto":
+        return tunes and bf16_speed().faster
+    return _flag(name, value, "'auto', True or False")
 
 
 def _flag(name, value, expected: str = "True or False") -> bool:

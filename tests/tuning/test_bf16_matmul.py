@@ -13,6 +13,7 @@ from hf_autoround import AutoRoundConfig
 from hf_autoround.tuning import bf16_matmul as bm
 from hf_autoround.tuning.bf16_matmul import (MatmulPrecision, bf16_backward_linear, bf16_linear, bf16_speed,
                                               scores_attention)
+from hf_autoround.tuning import options as options_module
 from hf_autoround.tuning.options import TuningOptions
 
 
@@ -83,6 +84,18 @@ def test_options_default_to_where_bf16_timed_faster(name):
     assert getattr(TuningOptions.from_config(config, **{name: True}).signround.bf16, field) is True
     with pytest.raises(ValueError, match=f"{name}='yes'"):
         TuningOptions.from_config(config, **{name: "yes"})
+
+
+def test_iters_zero_runs_no_probe(monkeypatch):
+    """RTN and optimised RTN (iters 0) run no tuned product, so "auto" must not spend the probe's time on them."""
+    def no_probe():
+        raise AssertionError("bf16_speed called at iters 0")
+
+    monkeypatch.setattr(options_module, "bf16_speed", no_probe)
+    config = AutoRoundConfig(bits=4, group_size=32, iters=0)
+    assert TuningOptions.from_config(config).signround.bf16 == MatmulPrecision()
+    with pytest.raises(ValueError, match="bf16_forward='yes'"):
+        TuningOptions.from_config(config, bf16_forward="yes")
 
 
 @pytest.fixture
